@@ -1,0 +1,1426 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Keyed state, compiled: the keyed-backend core, the five state types and TTL.
+
+Layering (Flink's, in Python spelling):
+
+* :class:`KeyedStateBackend` holds the current key (serialized once per
+  ``set_current_key``, with its key group), the clock, and the registered states.
+* Each state talks to a :class:`StateTable`, the storage of one state.  The heap
+  backend's table is a C hash table (csrc/sc_table.c); the LMDB tier supplies
+  another implementation of the same cdef interface.
+* Every state builds the composite key prefix ``kg | state id | key | namespace``
+  (csrc/sc_keycodec.h) once per current key / namespace and caches it with its
+  hash, so a read-modify-write touches the table twice and builds nothing.
+* TTL is applied in the state methods with the C check ``sc_ttl_expired``; with
+  TTL off no clock is read and timestamps are 0.
+
+ListState stores one blob per (key, namespace): records of
+``BE64 timestamp | varint length | element bytes``; ``add`` appends a record in C
+(amortised O(1), never rewriting the list).  MapState stores one entry per user key.
+The semantics are written down in docs/semantics.md.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.math cimport NAN
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+from statecore._codec cimport (KIND_AUTO, KIND_FLOAT64, KIND_INT64, TAG_INT64, Serializer, write_bytes)
+from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be16_put, sc_be64_get,
+                              sc_be64_put, sc_buf, sc_buf_free, sc_buf_reserve, sc_entry, sc_entry_inner,
+                              sc_entry_value, sc_kc_build_prefix, sc_kc_parse, sc_kc_parts, sc_key_group, sc_now_ms,
+                              sc_status, sc_table, sc_table_append, sc_table_bytes_deep, sc_table_count_deep,
+                              sc_table_delete, sc_table_delete_entry, sc_table_find, sc_table_free,
+                              sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
+                              sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
+from statecore._status cimport check
+
+import numpy as np
+
+from statecore.errors import (BackendClosedError, KeyGroupOutOfRangeError, SerializationError, StateError,
+                              StateMigrationError)
+from statecore.keygroups import KeyGroupRange, check_max_parallelism
+from statecore.serializers import Auto, resolve_serializer
+from statecore.ttl import ManualClock
+
+cdef object _MISSING = object()
+cdef uint64_t SIGN = 0x8000000000000000ULL
+
+# Storage layouts of a state's entries (what incremental cleanup must parse).
+cdef enum:
+    LAYOUT_VALUE = 0   # one value per (key, namespace)
+    LAYOUT_LIST = 1    # one blob of timestamped records per (key, namespace)
+    LAYOUT_MAP = 2     # one entry per (key, namespace, user key)
+
+
+cdef inline void buf_init(sc_buf *b) noexcept:
+    b.data = NULL
+    b.len = 0
+    b.cap = 0
+
+
+cdef inline int reserve(sc_buf *b, size_t n) except -1:
+    if sc_buf_reserve(b, n) != SC_OK:
+        raise MemoryError("statecore: out of memory")
+    return 0
+
+
+cdef inline bytes as_bytes(const uint8_t *p, size_t n):
+    return PyBytes_FromStringAndSize(<const char *>p, n)
+
+
+# ------------------------------------------------------------------ list records
+
+cdef int append_record(sc_buf *out, int64_t ts, const uint8_t *p, size_t n) except -1:
+    """Append one list record ``BE64 ts | varint n | bytes`` to out."""
+    reserve(out, 8 + SC_VARINT_MAX + n)
+    sc_be64_put(out.data + out.len, <uint64_t>ts)
+    out.len += 8
+    out.len += sc_varint_put(out.data + out.len, n)
+    if n:
+        memcpy(out.data + out.len, p, n)
+    out.len += n
+    return 0
+
+
+cdef int next_record(const uint8_t **pp, const uint8_t *end, int64_t *ts, const uint8_t **e, size_t *el) except -1:
+    """Read one record at *pp; 0 at the end, 1 when read.  Malformed -> StateError."""
+    cdef const uint8_t *p = pp[0]
+    cdef uint64_t n = 0
+    cdef size_t used
+    if p == end:
+        return 0
+    if end - p < 9:
+        raise StateError("statecore: corrupt list state (truncated record)")
+    ts[0] = <int64_t>sc_be64_get(p)
+    p += 8
+    used = sc_varint_get(p, end, &n)
+    if used == 0 or n > <uint64_t>(end - p - used):
+        raise StateError("statecore: corrupt list state (bad record length)")
+    p += used
+    e[0] = p
+    el[0] = n
+    pp[0] = p + n
+    return 1
+
+
+# ------------------------------------------------------------------ storage
+
+cdef class StateTable:
+    """Storage of one state's entries (abstract; see HeapStateTable).
+
+    Keys are composite: ``prefix`` is the (state, key, namespace) prefix and,
+    for map entries, ``uk`` the serialized user key.  ``h`` is
+    ``sc_table_hash(prefix)``, computed once by the caller.  Pointers returned
+    by ``get``/``mget`` are valid until the next call on the table.
+    """
+
+    cdef int get(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                 int64_t *ts) except -1:
+        raise NotImplementedError
+
+    cdef int put(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
+                 int64_t ts) except -1:
+        raise NotImplementedError
+
+    cdef int remove(self, const uint8_t *k, size_t kl, uint32_t h) except -1:
+        raise NotImplementedError
+
+    cdef int touch(self, const uint8_t *k, size_t kl, uint32_t h, int64_t ts) except -1:
+        raise NotImplementedError
+
+    cdef int append(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
+                    int64_t ts) except -1:
+        raise NotImplementedError
+
+    cdef int mget(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                  const uint8_t **v, size_t *vl, int64_t *ts) except -1:
+        raise NotImplementedError
+
+    cdef int mput(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                  const uint8_t *v, size_t vl, int64_t ts) except -1:
+        raise NotImplementedError
+
+    cdef int mremove(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl) except -1:
+        raise NotImplementedError
+
+    cdef int mtouch(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                    int64_t ts) except -1:
+        raise NotImplementedError
+
+    cdef list mitems(self, const uint8_t *p, size_t pl, uint32_t ph):
+        """[(user key bytes, value bytes, ts)] of one map, in storage order."""
+        raise NotImplementedError
+
+    cdef int mclear(self, const uint8_t *p, size_t pl, uint32_t ph) except -1:
+        raise NotImplementedError
+
+    cdef list key_bytes(self, const uint8_t *ns, size_t nsl):
+        """Serialized current keys with an entry in namespace ns."""
+        raise NotImplementedError
+
+    cdef size_t count(self):
+        raise NotImplementedError
+
+    cdef size_t nbytes(self):
+        raise NotImplementedError
+
+    cdef long cleanup(self, size_t n, int64_t ttl, int64_t now, int layout, sc_buf *scratch) except -1:
+        """Visit up to n stored entries, drop expired ones; return how many were dropped."""
+        raise NotImplementedError
+
+    cdef void release(self) noexcept:
+        pass
+
+
+@cython.final
+cdef class HeapStateTable(StateTable):
+    """The heap backend's storage: one C hash table per state (nested for MapState)."""
+    cdef sc_table *t
+    cdef size_t cursor  # incremental-cleanup position (round robin over slots)
+
+    def __cinit__(self, bint nested):
+        self.t = sc_table_new(16, nested)
+        if self.t is NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        sc_table_free(self.t)
+        self.t = NULL
+
+    cdef void release(self) noexcept:
+        sc_table_free(self.t)
+        self.t = NULL
+
+    cdef int get(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                 int64_t *ts) except -1:
+        cdef sc_entry *e = sc_table_find(self.t, k, kl, h)
+        if e is NULL:
+            return 0
+        v[0] = sc_entry_value(e)
+        vl[0] = e.vlen
+        ts[0] = e.ts
+        return 1
+
+    cdef int put(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
+                 int64_t ts) except -1:
+        return check(sc_table_put(self.t, k, kl, h, v, vl, ts, NULL))
+
+    cdef int remove(self, const uint8_t *k, size_t kl, uint32_t h) except -1:
+        return sc_table_delete(self.t, k, kl, h)
+
+    cdef int touch(self, const uint8_t *k, size_t kl, uint32_t h, int64_t ts) except -1:
+        cdef sc_entry *e = sc_table_find(self.t, k, kl, h)
+        if e is not NULL:
+            e.ts = ts
+        return 0
+
+    cdef int append(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
+                    int64_t ts) except -1:
+        return check(sc_table_append(self.t, k, kl, h, v, vl, ts))
+
+    cdef inline sc_table *inner(self, const uint8_t *p, size_t pl, uint32_t ph, int create) except? NULL:
+        cdef sc_status st = SC_OK
+        cdef sc_table *t = sc_table_get_inner(self.t, p, pl, ph, create, &st)
+        check(st)
+        return t
+
+    cdef int mget(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                  const uint8_t **v, size_t *vl, int64_t *ts) except -1:
+        cdef sc_table *t = self.inner(p, pl, ph, 0)
+        if t is NULL:
+            return 0
+        cdef sc_entry *e = sc_table_find(t, uk, ukl, sc_table_hash(uk, ukl))
+        if e is NULL:
+            return 0
+        v[0] = sc_entry_value(e)
+        vl[0] = e.vlen
+        ts[0] = e.ts
+        return 1
+
+    cdef int mput(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                  const uint8_t *v, size_t vl, int64_t ts) except -1:
+        cdef sc_table *t = self.inner(p, pl, ph, 1)
+        cdef sc_status st = sc_table_put(t, uk, ukl, sc_table_hash(uk, ukl), v, vl, ts, NULL)
+        if st != SC_OK and t.count == 0:
+            sc_table_delete(self.t, p, pl, ph)  # do not leave an empty map behind a failed put
+        return check(st)
+
+    cdef int mremove(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl) except -1:
+        cdef sc_table *t = self.inner(p, pl, ph, 0)
+        if t is NULL:
+            return 0
+        cdef int removed = sc_table_delete(t, uk, ukl, sc_table_hash(uk, ukl))
+        if t.count == 0:
+            sc_table_delete(self.t, p, pl, ph)  # an empty map is no map: get_keys must not list it
+        return removed
+
+    cdef int mtouch(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                    int64_t ts) except -1:
+        cdef sc_table *t = self.inner(p, pl, ph, 0)
+        cdef sc_entry *e
+        if t is not NULL:
+            e = sc_table_find(t, uk, ukl, sc_table_hash(uk, ukl))
+            if e is not NULL:
+                e.ts = ts
+        return 0
+
+    cdef list mitems(self, const uint8_t *p, size_t pl, uint32_t ph):
+        cdef sc_table *t = self.inner(p, pl, ph, 0)
+        cdef size_t pos = 0
+        cdef sc_entry *e
+        out = []
+        if t is NULL:
+            return out
+        while True:
+            e = sc_table_next(t, &pos)
+            if e is NULL:
+                return out
+            out.append((as_bytes(e.data, e.klen), as_bytes(sc_entry_value(e), e.vlen), e.ts))
+
+    cdef int mclear(self, const uint8_t *p, size_t pl, uint32_t ph) except -1:
+        return sc_table_delete(self.t, p, pl, ph)
+
+    cdef list key_bytes(self, const uint8_t *ns, size_t nsl):
+        cdef size_t pos = 0
+        cdef sc_entry *e
+        cdef sc_kc_parts parts
+        out = []
+        while True:
+            e = sc_table_next(self.t, &pos)
+            if e is NULL:
+                return out
+            check(sc_kc_parse(e.data, e.klen, &parts))
+            if parts.nslen == nsl and (nsl == 0 or parts.ns[0] == ns[0]) and \
+                    as_bytes(parts.ns, parts.nslen) == as_bytes(ns, nsl):
+                out.append(as_bytes(parts.key, parts.klen))
+
+    cdef size_t count(self):
+        return sc_table_count_deep(self.t)
+
+    cdef size_t nbytes(self):
+        return sc_table_bytes_deep(self.t)
+
+    cdef long cleanup(self, size_t n, int64_t ttl, int64_t now, int layout, sc_buf *scratch) except -1:
+        cdef size_t i, cap = self.t.mask + 1
+        cdef long dropped = 0
+        cdef sc_entry *e
+        if self.t.count == 0:
+            return 0
+        for i in range(min(n, cap)):
+            e = sc_table_slot(self.t, self.cursor)
+            if e is not NULL:
+                if layout == LAYOUT_VALUE:
+                    if sc_ttl_expired(e.ts, ttl, now):
+                        sc_table_delete_entry(self.t, e)
+                        dropped += 1
+                        continue  # backward shift may have moved an unvisited entry here
+                elif layout == LAYOUT_LIST:
+                    dropped += self._clean_list(e, ttl, now, scratch)
+                else:
+                    dropped += self._clean_map(e, ttl, now)
+            self.cursor = (self.cursor + 1) & self.t.mask
+        return dropped
+
+    cdef long _clean_list(self, sc_entry *e, int64_t ttl, int64_t now, sc_buf *scratch) except -1:
+        cdef const uint8_t *p = sc_entry_value(e)
+        cdef const uint8_t *end = p + e.vlen
+        cdef const uint8_t *el
+        cdef size_t ell
+        cdef int64_t ts
+        cdef long dropped = 0
+        scratch.len = 0
+        while next_record(&p, end, &ts, &el, &ell):
+            if sc_ttl_expired(ts, ttl, now):
+                dropped += 1
+            else:
+                append_record(scratch, ts, el, ell)
+        if dropped:
+            if scratch.len == 0:
+                sc_table_delete_entry(self.t, e)
+            else:
+                check(sc_table_put(self.t, e.data, e.klen, e.hash, scratch.data, scratch.len, e.ts, NULL))
+        return dropped
+
+    cdef long _clean_map(self, sc_entry *e, int64_t ttl, int64_t now) except -1:
+        cdef sc_table *t = sc_entry_inner(e)
+        cdef size_t pos = 0
+        cdef sc_entry *m
+        cdef long dropped = 0
+        while True:
+            m = sc_table_next(t, &pos)
+            if m is NULL:
+                break
+            if sc_ttl_expired(m.ts, ttl, now):
+                sc_table_delete_entry(t, m)
+                dropped += 1
+                pos -= 1  # the backward shift may have moved an unvisited entry into this slot
+        if t.count == 0:
+            sc_table_delete_entry(self.t, e)
+        return dropped
+
+
+# ------------------------------------------------------------------ keyed backend
+
+cdef class KeyedStateBackend:
+    """The keyed state backend (Flink's ``KeyedStateBackend``): current key + states.
+
+    Subclasses choose the storage by overriding ``_new_table(nested)``.
+    Not thread-safe: use one keyed backend from one thread, as Flink's task
+    thread does.
+    """
+    cdef readonly int max_parallelism
+    cdef readonly object key_group_range
+    cdef int kg_start
+    cdef int kg_end
+    cdef readonly Serializer key_serializer
+    cdef Serializer ns_serializer
+    cdef readonly object clock
+    cdef bint manual_clock
+    cdef sc_buf kbuf       # serialized current key
+    cdef sc_buf tmpbuf     # scratch for the next key (swapped in on success)
+    cdef sc_buf vbuf       # scratch: serialized values
+    cdef sc_buf rbuf       # scratch: list records, batch keys
+    cdef sc_buf ubuf       # scratch: map user keys
+    cdef object cur_key
+    cdef int cur_kg
+    cdef uint64_t key_version
+    cdef bint has_key
+    cdef readonly bint closed
+    cdef dict states
+    cdef list every_record
+    cdef public long long ttl_expired
+    cdef int next_sid
+    cdef readonly str job_id
+    cdef readonly str operator_id
+
+    def __cinit__(self, *args, **kwargs):
+        buf_init(&self.kbuf)
+        buf_init(&self.tmpbuf)
+        buf_init(&self.vbuf)
+        buf_init(&self.rbuf)
+        buf_init(&self.ubuf)
+        self.key_version = 1
+        self.states = {}
+        self.every_record = []
+
+    def __init__(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
+                 job_id="job", operator_id="operator"):
+        check_max_parallelism(max_parallelism)
+        self.max_parallelism = max_parallelism
+        if key_group_range is None:
+            key_group_range = KeyGroupRange(0, max_parallelism - 1)
+        elif not isinstance(key_group_range, KeyGroupRange):
+            raise TypeError(f"key_group_range must be a KeyGroupRange, got {type(key_group_range).__name__}")
+        if len(key_group_range) == 0 or key_group_range.start < 0 or key_group_range.end >= max_parallelism:
+            raise ValueError(f"key_group_range {key_group_range} must be a non-empty part of "
+                             f"[0, {max_parallelism - 1}] for max_parallelism={max_parallelism}")
+        self.key_group_range = key_group_range
+        self.kg_start = key_group_range.start
+        self.kg_end = key_group_range.end
+        self.key_serializer = resolve_serializer(key_serializer)
+        self.ns_serializer = Auto()
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a callable returning milliseconds, got {type(clock).__name__}")
+        self.clock = clock
+        self.manual_clock = type(clock) is ManualClock
+        self.job_id = str(job_id)
+        self.operator_id = str(operator_id)
+
+    def __dealloc__(self):
+        sc_buf_free(&self.kbuf)
+        sc_buf_free(&self.tmpbuf)
+        sc_buf_free(&self.vbuf)
+        sc_buf_free(&self.rbuf)
+        sc_buf_free(&self.ubuf)
+
+    # -- current key ------------------------------------------------------
+
+    cdef inline int check_open(self) except -1:
+        if self.closed:
+            raise BackendClosedError("this keyed state backend is closed; create or restore a new one")
+        return 0
+
+    def set_current_key(self, key):
+        """Make ``key`` the current key of every state of this backend.
+
+        Raises ``KeyGroupOutOfRangeError`` (and keeps the previous key) when the
+        key's group is not in this backend's ``key_group_range``, and
+        ``SerializationError`` when the key serializer refuses the key.
+        """
+        cdef sc_buf t
+        cdef int32_t kg
+        self.check_open()
+        self.tmpbuf.len = 0
+        self.key_serializer.encode_key(key, &self.tmpbuf)
+        kg = sc_key_group(self.tmpbuf.data, self.tmpbuf.len, self.max_parallelism)
+        if kg < self.kg_start or kg > self.kg_end:
+            raise KeyGroupOutOfRangeError(
+                f"key {key!r:.80} belongs to key group {kg}, outside this backend's {self.key_group_range} "
+                f"(max_parallelism={self.max_parallelism}); route it to the instance that owns key group {kg}")
+        t = self.kbuf
+        self.kbuf = self.tmpbuf
+        self.tmpbuf = t
+        self.cur_key = key
+        self.cur_kg = kg
+        self.key_version += 1
+        self.has_key = True
+        if self.every_record:
+            for st in self.every_record:
+                (<State>st).run_cleanup()
+
+    def get_current_key(self):
+        """The current key (as passed to ``set_current_key``), or None."""
+        return self.cur_key
+
+    @property
+    def current_key_group(self):
+        """Key group of the current key (StateError when no key is set)."""
+        if not self.has_key:
+            raise StateError("no current key: call set_current_key(key) first")
+        return self.cur_kg
+
+    cdef int64_t now(self) except? -1:
+        if self.clock is None:
+            return sc_now_ms()
+        if self.manual_clock:
+            return (<object>self.clock).now_ms
+        return self.clock()
+
+    # -- states -----------------------------------------------------------
+
+    def _new_table(self, bint nested):
+        return HeapStateTable(nested)
+
+    def get_state(self, descriptor):
+        """The state for ``descriptor`` (the same object for the same name).
+
+        Raises ``StateMigrationError`` when the name is registered with another
+        state type or serializers, or with a different TTL configuration.
+        """
+        self.check_open()
+        from statecore.descriptors import StateDescriptor
+        if not isinstance(descriptor, StateDescriptor):
+            raise TypeError(f"get_state needs a state descriptor, got {type(descriptor).__name__}")
+        name = descriptor.name
+        existing = self.states.get(name)
+        if existing is not None:
+            old = (<State>existing).descriptor
+            if old.compatibility_key() != descriptor.compatibility_key():
+                raise StateMigrationError(
+                    f"state {name!r} is registered as {old.state_type} state with serializers "
+                    f"{old.compatibility_key()[1:]}; it was requested as {descriptor.state_type} state with "
+                    f"{descriptor.compatibility_key()[1:]}. Use another name, or restore with a migration.")
+            if old.ttl_config != descriptor.ttl_config:
+                raise StateMigrationError(
+                    f"state {name!r} is registered with TTL {old.ttl_config}, requested with "
+                    f"{descriptor.ttl_config}; TTL changes take effect on restore")
+            return existing
+        if self.next_sid >= 0xFFFF:
+            raise StateError("a keyed backend holds at most 65535 states")
+        cls = _STATE_CLASSES[descriptor.state_type]
+        st = cls(self, descriptor, self.next_sid, self._new_table(descriptor.state_type == "map"))
+        self.next_sid += 1
+        self.states[name] = st
+        if (<State>st).cleanup_every_record:
+            self.every_record.append(st)
+        return st
+
+    def get_keys(self, state_name, namespace=None):
+        """Iterator over the keys with an entry in ``state_name`` under ``namespace``.
+
+        As in Flink, keys whose entries have expired but are not yet cleaned up
+        may appear.  The keys are a snapshot taken when this is called.
+        """
+        cdef sc_buf ns
+        self.check_open()
+        st = self.states.get(state_name)
+        if st is None:
+            raise StateError(f"no state named {state_name!r} is registered; call get_state(descriptor) first")
+        buf_init(&ns)
+        try:
+            self.ns_serializer.encode_key(namespace, &ns)
+            raw = (<State>st).table.key_bytes(ns.data, ns.len)
+        finally:
+            sc_buf_free(&ns)
+        ks = self.key_serializer
+        return iter([ks.deserialize(k) for k in raw])
+
+    def num_state_entries(self):
+        """Entries stored (expired-but-not-cleaned included): one per (state, key,
+        namespace) for value/list/reducing/aggregating states, one per map entry."""
+        self.check_open()
+        return sum((<State>s).table.count() for s in self.states.values())
+
+    def _bytes_in_memory(self):
+        return sum((<State>s).table.nbytes() for s in self.states.values()) + \
+            self.kbuf.cap + self.tmpbuf.cap + self.vbuf.cap + self.rbuf.cap + self.ubuf.cap
+
+    def metrics(self):
+        """Counters: entries, bytes_in_memory, bytes_on_disk, flushes, ttl_expired, states."""
+        self.check_open()
+        return {
+            "entries": self.num_state_entries(),
+            "bytes_in_memory": self._bytes_in_memory(),
+            "bytes_on_disk": 0,
+            "flushes": 0,
+            "stalls": 0,
+            "cache_hits": 0,
+            "cache_misses": 0,
+            "ttl_expired": self.ttl_expired,
+            "states": len(self.states),
+        }
+
+    @property
+    def state_names(self):
+        return list(self.states)
+
+    def close(self):
+        """Release all state memory.  Idempotent; any later use raises BackendClosedError."""
+        if self.closed:
+            return
+        self.closed = True
+        for st in self.states.values():
+            (<State>st).table.release()
+        self.every_record = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+# ------------------------------------------------------------------ states
+
+cdef class State:
+    """Base of the five state types: current namespace, prefix cache, TTL settings."""
+    cdef KeyedStateBackend backend
+    cdef StateTable table
+    cdef readonly object descriptor
+    cdef readonly str name
+    cdef uint16_t sid
+    cdef Serializer vser
+    cdef object ns
+    cdef sc_buf nsbuf
+    cdef sc_buf pbuf
+    cdef uint32_t phash
+    cdef uint64_t pver
+    cdef int64_t ttl
+    cdef bint update_on_read
+    cdef bint return_expired
+    cdef size_t cleanup_size
+    cdef bint cleanup_every_record
+    cdef int layout
+
+    def __cinit__(self, *args, **kwargs):
+        buf_init(&self.nsbuf)
+        buf_init(&self.pbuf)
+
+    def __init__(self, KeyedStateBackend backend, descriptor, int sid, StateTable table):
+        self.backend = backend
+        self.table = table
+        self.descriptor = descriptor
+        self.name = descriptor.name
+        self.sid = sid
+        self.vser = descriptor.value_serializer
+        backend.ns_serializer.encode_key(None, &self.nsbuf)
+        cfg = descriptor.ttl_config
+        if cfg is not None:
+            self.ttl = cfg.ttl_ms
+            self.update_on_read = cfg.update_on_read
+            self.return_expired = cfg.return_expired
+            size, every = cfg.effective_incremental_cleanup()
+            self.cleanup_size = size
+            self.cleanup_every_record = every and size > 0
+
+    def __dealloc__(self):
+        sc_buf_free(&self.nsbuf)
+        sc_buf_free(&self.pbuf)
+
+    cdef inline int prepare(self) except -1:
+        """Check the backend and current key; refresh the cached prefix; run incremental cleanup."""
+        cdef KeyedStateBackend b = self.backend
+        if b.closed:
+            raise BackendClosedError("this keyed state backend is closed; create or restore a new one")
+        if not b.has_key:
+            raise StateError(f"state {self.name!r} used with no current key: call set_current_key(key) first")
+        if self.pver != b.key_version:
+            check(sc_kc_build_prefix(&self.pbuf, <uint16_t>b.cur_kg, self.sid, b.kbuf.data, b.kbuf.len,
+                                     self.nsbuf.data, self.nsbuf.len))
+            self.phash = sc_table_hash(self.pbuf.data, self.pbuf.len)
+            self.pver = b.key_version
+        if self.cleanup_size:
+            self.run_cleanup()
+        return 0
+
+    cdef int run_cleanup(self) except -1:
+        self.backend.ttl_expired += self.table.cleanup(self.cleanup_size, self.ttl, self.backend.now(),
+                                                       self.layout, &self.backend.rbuf)
+        return 0
+
+    def set_current_namespace(self, namespace):
+        """Select the namespace (default None) of this state for later calls."""
+        cdef sc_buf nb
+        if self.backend.closed:
+            raise BackendClosedError("this keyed state backend is closed; create or restore a new one")
+        buf_init(&nb)
+        try:
+            self.backend.ns_serializer.encode_key(namespace, &nb)
+        except BaseException:
+            sc_buf_free(&nb)
+            raise
+        sc_buf_free(&self.nsbuf)
+        self.nsbuf = nb
+        self.ns = namespace
+        self.pver = 0
+
+    def get_current_namespace(self):
+        return self.ns
+
+    cdef int encode_value(self, object value) except -1:
+        self.backend.vbuf.len = 0
+        return self.vser.encode(value, &self.backend.vbuf)
+
+    cdef inline int64_t write_ts(self) except? -1:
+        return self.backend.now() if self.ttl else 0
+
+    cdef object read_single(self, bint *found):
+        """Read the value-like entry of the current key/namespace with Flink's TTL rules."""
+        cdef const uint8_t *v
+        cdef size_t vl
+        cdef int64_t ts, now
+        if not self.table.get(self.pbuf.data, self.pbuf.len, self.phash, &v, &vl, &ts):
+            found[0] = False
+            return None
+        if self.ttl:
+            now = self.backend.now()
+            if sc_ttl_expired(ts, self.ttl, now):
+                result = self.vser.decode(v, vl) if self.return_expired else None
+                self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
+                self.backend.ttl_expired += 1
+                found[0] = self.return_expired
+                return result
+            if self.update_on_read:
+                result = self.vser.decode(v, vl)
+                self.table.touch(self.pbuf.data, self.pbuf.len, self.phash, now)
+                found[0] = True
+                return result
+        found[0] = True
+        return self.vser.decode(v, vl)
+
+    cdef int write_single(self, object value) except -1:
+        self.encode_value(value)
+        return self.table.put(self.pbuf.data, self.pbuf.len, self.phash, self.backend.vbuf.data,
+                              self.backend.vbuf.len, self.write_ts())
+
+    def clear(self):
+        """Remove the state of the current key and namespace."""
+        self.prepare()
+        if self.layout == LAYOUT_MAP:
+            self.table.mclear(self.pbuf.data, self.pbuf.len, self.phash)
+        else:
+            self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+cdef class ValueState(State):
+    """One value per key and namespace (Flink's ValueState)."""
+    cdef object default
+
+    def __init__(self, KeyedStateBackend backend, descriptor, int sid, StateTable table):
+        State.__init__(self, backend, descriptor, sid, table)
+        self.default = descriptor.default
+        self.layout = LAYOUT_VALUE
+
+    def value(self):
+        """The stored value, else the descriptor's default (None unless given)."""
+        cdef bint found
+        self.prepare()
+        result = self.read_single(&found)
+        return result if found else self.default
+
+    def update(self, value):
+        """Store ``value``; ``update(None)`` is ``clear()``."""
+        self.prepare()
+        if value is None:
+            self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
+            return
+        self.write_single(value)
+
+    # -- batch access -------------------------------------------------------
+
+    cdef int batch_keys(self, keys, sc_buf *out, list prefixes) except -1:
+        """Serialize and range-check every key first (so bad input changes nothing)."""
+        cdef KeyedStateBackend b = self.backend
+        cdef sc_buf kb
+        cdef int32_t kg
+        buf_init(&kb)
+        try:
+            for key in keys:
+                kb.len = 0
+                b.key_serializer.encode_key(key, &kb)
+                kg = sc_key_group(kb.data, kb.len, b.max_parallelism)
+                if kg < b.kg_start or kg > b.kg_end:
+                    raise KeyGroupOutOfRangeError(
+                        f"key {key!r:.80} belongs to key group {kg}, outside this backend's {b.key_group_range}; "
+                        "nothing was changed")
+                check(sc_kc_build_prefix(out, <uint16_t>kg, self.sid, kb.data, kb.len, self.nsbuf.data,
+                                         self.nsbuf.len))
+                prefixes.append(as_bytes(out.data, out.len))
+        finally:
+            sc_buf_free(&kb)
+        return 0
+
+    cdef int fast_kind(self, keys):
+        """Value kind when the int64 fast path applies (keys an integer ndarray), else 0."""
+        if self.vser.kind != KIND_FLOAT64 and self.vser.kind != KIND_INT64:
+            return 0
+        if self.backend.key_serializer.kind != KIND_AUTO and self.backend.key_serializer.kind != KIND_INT64:
+            return 0
+        if not isinstance(self.table, HeapStateTable):
+            return 0
+        if not isinstance(keys, np.ndarray) or keys.ndim != 1 or keys.dtype.kind not in "iu":
+            return 0
+        if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
+            return 0
+        return self.vser.kind
+
+    def update_batch(self, keys, values):
+        """``update`` for many keys (current namespace), without changing the current key.
+
+        Keys and values may be sequences or NumPy arrays of equal length.  With
+        an Int64/Float64 value serializer and an integer key array the loop runs
+        in C.  All keys are checked before anything is written: a key outside
+        the key-group range raises ``KeyGroupOutOfRangeError`` and changes
+        nothing.  A ``None`` value clears that key.  Duplicate keys: the last wins.
+        """
+        self.backend.check_open()
+        if len(keys) != len(values):
+            raise ValueError(f"update_batch needs as many values as keys ({len(values)} != {len(keys)})")
+        kind = self.fast_kind(keys)
+        if kind and isinstance(values, np.ndarray) and values.ndim == 1 and \
+                (values.dtype.kind == "f" if kind == KIND_FLOAT64 else values.dtype.kind in "iu"):
+            self.update_batch_fast(np.ascontiguousarray(keys, dtype=np.int64),
+                                   np.ascontiguousarray(values, dtype=np.float64 if kind == KIND_FLOAT64
+                                                        else np.int64), kind)
+            return
+        self.update_batch_generic(keys, values)
+
+    cdef int update_batch_generic(self, keys, values) except -1:
+        cdef list prefixes = []
+        cdef bytes p, v
+        cdef int64_t ts
+        cdef list encoded = []
+        self.batch_keys(keys, &self.backend.rbuf, prefixes)
+        for value in values:
+            encoded.append(None if value is None else self.vser.serialize(value))
+        ts = self.write_ts()
+        for i in range(len(prefixes)):
+            p = prefixes[i]
+            if encoded[i] is None:
+                self.table.remove(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p),
+                                  sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p)))
+            else:
+                v = encoded[i]
+                self.table.put(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p),
+                               sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p)),
+                               <const uint8_t *>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), ts)
+        return 0
+
+    def value_batch(self, keys, fill=_MISSING):
+        """``value()`` for many keys (current namespace), without changing the current key.
+
+        Missing (or expired, under NeverReturnExpired) keys take ``fill``, which
+        defaults to the descriptor's default.  With an Int64/Float64 value
+        serializer and an integer key array the result is an ndarray of that
+        dtype: when the default fill is None, a float64 result uses NaN and an
+        int64 result raises ``StateError`` if a key is missing (pass ``fill=``).
+        Otherwise the result is a list with ``fill`` (None) for missing keys.
+        Reads obey TTL exactly as ``value()`` does.
+        """
+        self.backend.check_open()
+        if fill is _MISSING:
+            fill = self.default
+        kind = self.fast_kind(keys)
+        if kind:
+            return self.value_batch_fast(np.ascontiguousarray(keys, dtype=np.int64), kind, fill)
+        return self.value_batch_generic(keys, fill)
+
+    cdef list value_batch_generic(self, keys, fill):
+        cdef list prefixes = []
+        cdef bytes p
+        cdef const uint8_t *v
+        cdef size_t vl
+        cdef int64_t ts, now = 0
+        cdef uint32_t h
+        self.batch_keys(keys, &self.backend.rbuf, prefixes)
+        if self.ttl:
+            now = self.backend.now()
+        out = []
+        for p in prefixes:
+            h = sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p))
+            if not self.table.get(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), h, &v, &vl, &ts):
+                out.append(fill)
+                continue
+            if self.ttl and sc_ttl_expired(ts, self.ttl, now):
+                out.append(self.vser.decode(v, vl) if self.return_expired else fill)
+                self.table.remove(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), h)
+                self.backend.ttl_expired += 1
+                continue
+            out.append(self.vser.decode(v, vl))
+            if self.ttl and self.update_on_read:
+                self.table.touch(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p), h, now)
+        return out
+
+    cdef size_t fast_key_width(self):
+        # kg + sid | varint(key len) | key (Auto: tag + 8, Int64: 8) | varint(ns len) | ns
+        return SC_KC_HEAD + 1 + 9 + SC_VARINT_MAX + self.nsbuf.len
+
+    cdef int check_fast_keys(self, const int64_t[::1] keys, uint16_t *kgs) except -1:
+        """Key groups of every key; raises before anything changes if one is not owned."""
+        cdef KeyedStateBackend b = self.backend
+        cdef Py_ssize_t i, n = keys.shape[0], bad = -1
+        cdef bint auto = b.key_serializer.kind == KIND_AUTO
+        cdef uint8_t kb[9]
+        cdef int32_t kg = 0
+        with nogil:
+            for i in range(n):
+                if auto:
+                    kb[0] = TAG_INT64
+                    sc_be64_put(kb + 1, (<uint64_t>keys[i]) ^ SIGN)
+                    kg = sc_key_group(kb, 9, b.max_parallelism)
+                else:
+                    sc_be64_put(kb, <uint64_t>keys[i])
+                    kg = sc_key_group(kb, 8, b.max_parallelism)
+                if kg < b.kg_start or kg > b.kg_end:
+                    bad = i
+                    break
+                kgs[i] = <uint16_t>kg
+        if bad >= 0:
+            raise KeyGroupOutOfRangeError(
+                f"key {keys[bad]} (index {bad}) belongs to key group {kg}, outside this backend's "
+                f"{b.key_group_range}; nothing was changed")
+        return 0
+
+    cdef inline size_t build_fast_key(self, uint8_t *out, int64_t key, uint16_t kg, bint auto) noexcept nogil:
+        cdef size_t n = SC_KC_HEAD
+        sc_be16_put(out, kg)
+        sc_be16_put(out + 2, self.sid)
+        if auto:
+            out[n] = 9
+            out[n + 1] = TAG_INT64
+            sc_be64_put(out + n + 2, (<uint64_t>key) ^ SIGN)
+            n += 10
+        else:
+            out[n] = 8
+            sc_be64_put(out + n + 1, <uint64_t>key)
+            n += 9
+        n += sc_varint_put(out + n, self.nsbuf.len)
+        if self.nsbuf.len:
+            memcpy(out + n, self.nsbuf.data, self.nsbuf.len)
+        return n + self.nsbuf.len
+
+    cdef int update_batch_fast(self, const int64_t[::1] keys, values, int kind) except -1:
+        cdef Py_ssize_t i, j, m, base, n = keys.shape[0]
+        cdef sc_table *t = (<HeapStateTable>self.table).t
+        cdef const double[::1] fv
+        cdef const int64_t[::1] iv
+        cdef uint16_t *kgs = NULL
+        cdef uint8_t *blk = NULL
+        cdef uint32_t hs[64]
+        cdef size_t kw = self.fast_key_width(), kl = 0
+        cdef bint auto = self.backend.key_serializer.kind == KIND_AUTO
+        cdef uint8_t vb[8]
+        cdef uint64_t bits
+        cdef int64_t ts = self.write_ts()
+        cdef sc_status st = SC_OK
+        if n == 0:
+            return 0
+        if kind == KIND_FLOAT64:
+            fv = values
+        else:
+            iv = values
+        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
+        blk = <uint8_t *>malloc(64 * kw)
+        if kgs is NULL or blk is NULL:
+            free(kgs)
+            free(blk)
+            raise MemoryError()
+        try:
+            self.check_fast_keys(keys, kgs)
+            with nogil:
+                base = 0
+                while base < n and st == SC_OK:
+                    m = min(64, n - base)
+                    # Pass 1: build and hash a block of keys, prefetching their slots...
+                    for j in range(m):
+                        kl = self.build_fast_key(blk + j * kw, keys[base + j], kgs[base + j], auto)
+                        hs[j] = sc_table_hash(blk + j * kw, kl)
+                        sc_table_prefetch(t, hs[j])
+                    # ...pass 2: probe, so the cache misses of the block overlap.
+                    for j in range(m):
+                        i = base + j
+                        if kind == KIND_FLOAT64:
+                            memcpy(&bits, &fv[i], 8)
+                        else:
+                            bits = <uint64_t>iv[i]
+                        sc_be64_put(vb, bits)
+                        st = sc_table_put(t, blk + j * kw, kl, hs[j], vb, 8, ts, NULL)
+                        if st != SC_OK:
+                            break
+                    base += m
+            check(st)
+        finally:
+            free(kgs)
+            free(blk)
+        return 0
+
+    cdef object value_batch_fast(self, const int64_t[::1] keys, int kind, fill):
+        cdef Py_ssize_t i, j, m, base, n = keys.shape[0], missing = 0
+        cdef sc_table *t = (<HeapStateTable>self.table).t
+        cdef uint16_t *kgs = NULL
+        cdef uint8_t *blk = NULL
+        cdef uint32_t hs[64]
+        cdef size_t kw = self.fast_key_width(), kl = 0
+        cdef bint auto = self.backend.key_serializer.kind == KIND_AUTO
+        cdef bint has_fill = fill is not None
+        cdef double ffill = NAN
+        cdef int64_t ifill = 0, ttl = self.ttl, now = 0
+        cdef bint ret_exp = self.return_expired, upd = self.update_on_read
+        cdef long expired = 0
+        cdef uint64_t bits
+        cdef sc_entry *e
+        cdef bint corrupt = False
+        if kind == KIND_FLOAT64:
+            out = np.empty(n, dtype=np.float64)
+            if has_fill:
+                ffill = float(fill)
+        else:
+            out = np.empty(n, dtype=np.int64)
+            if has_fill:
+                ifill = int(fill)
+        cdef double[::1] fo
+        cdef int64_t[::1] io
+        if kind == KIND_FLOAT64:
+            fo = out
+        else:
+            io = out
+        if n == 0:
+            return out
+        if ttl:
+            now = self.backend.now()
+        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
+        blk = <uint8_t *>malloc(64 * kw)
+        if kgs is NULL or blk is NULL:
+            free(kgs)
+            free(blk)
+            raise MemoryError()
+        try:
+            self.check_fast_keys(keys, kgs)
+            with nogil:
+                base = 0
+                while base < n and not corrupt:
+                    m = min(64, n - base)
+                    for j in range(m):
+                        kl = self.build_fast_key(blk + j * kw, keys[base + j], kgs[base + j], auto)
+                        hs[j] = sc_table_hash(blk + j * kw, kl)
+                        sc_table_prefetch(t, hs[j])
+                    for j in range(m):
+                        i = base + j
+                        e = sc_table_find(t, blk + j * kw, kl, hs[j])
+                        if e is not NULL and e.vlen != 8:
+                            corrupt = True
+                            break
+                        if e is not NULL and ttl and sc_ttl_expired(e.ts, ttl, now):
+                            expired += 1
+                            if not ret_exp:
+                                sc_table_delete_entry(t, e)
+                                e = NULL
+                            else:
+                                bits = sc_be64_get(sc_entry_value(e))
+                                sc_table_delete_entry(t, e)
+                                if kind == KIND_FLOAT64:
+                                    memcpy(&fo[i], &bits, 8)
+                                else:
+                                    io[i] = <int64_t>bits
+                                continue
+                        if e is NULL:
+                            missing += 1
+                            if kind == KIND_FLOAT64:
+                                fo[i] = ffill
+                            else:
+                                io[i] = ifill
+                            continue
+                        if ttl and upd:
+                            e.ts = now
+                        bits = sc_be64_get(sc_entry_value(e))
+                        if kind == KIND_FLOAT64:
+                            memcpy(&fo[i], &bits, 8)
+                        else:
+                            io[i] = <int64_t>bits
+                    base += m
+        finally:
+            free(kgs)
+            free(blk)
+        self.backend.ttl_expired += expired
+        if corrupt:
+            raise StateError(f"state {self.name!r}: stored value is not 8 bytes; it was not written by "
+                             f"{type(self.vser).__name__}")
+        if missing and kind == KIND_INT64 and not has_fill:
+            raise StateError(f"value_batch: {missing} key(s) have no value and an int64 array cannot hold None; "
+                             "pass fill=<int> (or give the descriptor a default)")
+        return out
+
+
+cdef class ListState(State):
+    """A list of elements per key and namespace (Flink's ListState).
+
+    ``add`` appends a record in C without rewriting the stored list.  ``None``
+    elements are refused with ``ValueError`` (nothing changes).  With TTL,
+    every element expires on its own.
+    """
+
+    def __init__(self, KeyedStateBackend backend, descriptor, int sid, StateTable table):
+        State.__init__(self, backend, descriptor, sid, table)
+        self.layout = LAYOUT_LIST
+
+    cdef int encode_records(self, values) except -1:
+        """Encode values into backend.rbuf as records (nothing is stored yet)."""
+        cdef KeyedStateBackend b = self.backend
+        cdef int64_t ts = self.write_ts()
+        b.rbuf.len = 0
+        for v in values:
+            if v is None:
+                raise ValueError(f"ListState {self.name!r}: None is not a valid list element; nothing was changed")
+            b.vbuf.len = 0
+            self.vser.encode(v, &b.vbuf)
+            append_record(&b.rbuf, ts, b.vbuf.data, b.vbuf.len)
+        return 0
+
+    def get(self):
+        """The elements as a new list (empty when nothing is stored)."""
+        cdef const uint8_t *v
+        cdef const uint8_t *p
+        cdef const uint8_t *el
+        cdef size_t vl, ell
+        cdef int64_t ts, ets, now = 0
+        cdef long expired = 0
+        cdef KeyedStateBackend b = self.backend
+        self.prepare()
+        if not self.table.get(self.pbuf.data, self.pbuf.len, self.phash, &v, &vl, &ts):
+            return []
+        out = []
+        if not self.ttl:
+            p = v
+            while next_record(&p, v + vl, &ets, &el, &ell):
+                out.append(self.vser.decode(el, ell))
+            return out
+        now = b.now()
+        b.rbuf.len = 0
+        p = v
+        while next_record(&p, v + vl, &ets, &el, &ell):
+            if sc_ttl_expired(ets, self.ttl, now):
+                expired += 1
+                if self.return_expired:
+                    out.append(self.vser.decode(el, ell))
+            else:
+                out.append(self.vser.decode(el, ell))
+                append_record(&b.rbuf, now if self.update_on_read else ets, el, ell)
+        if expired or self.update_on_read:
+            b.ttl_expired += expired
+            if b.rbuf.len == 0:
+                self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
+            else:
+                self.table.put(self.pbuf.data, self.pbuf.len, self.phash, b.rbuf.data, b.rbuf.len, ts)
+        return out
+
+    def add(self, value):
+        """Append one element (amortised O(1): the stored list is not rewritten)."""
+        self.prepare()
+        if value is None:
+            raise ValueError(f"ListState {self.name!r}: None is not a valid list element; nothing was changed")
+        self.encode_records((value,))
+        self.table.append(self.pbuf.data, self.pbuf.len, self.phash, self.backend.rbuf.data,
+                          self.backend.rbuf.len, 0)
+
+    def add_all(self, values):
+        """Append every element of ``values`` (all are checked before anything is stored)."""
+        self.prepare()
+        self.encode_records(list(values))
+        if self.backend.rbuf.len:
+            self.table.append(self.pbuf.data, self.pbuf.len, self.phash, self.backend.rbuf.data,
+                              self.backend.rbuf.len, 0)
+
+    def update(self, values):
+        """Replace the list with ``values``; an empty iterable clears it."""
+        self.prepare()
+        self.encode_records(list(values))
+        if self.backend.rbuf.len:
+            self.table.put(self.pbuf.data, self.pbuf.len, self.phash, self.backend.rbuf.data,
+                           self.backend.rbuf.len, 0)
+        else:
+            self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
+
+
+cdef class MapState(State):
+    """A map of user keys to values per key and namespace (Flink's MapState).
+
+    User keys are serialized with the descriptor's key serializer and must be
+    valid keys (no dict, no NaN).  Values may be None (as in Flink).
+    ``items()``/``keys()``/``values()`` return lists: a snapshot, safe to use
+    while the state changes.  Heap order is unspecified; the LMDB tier returns
+    serialized-key order.  With TTL, every entry expires on its own.
+    """
+    cdef Serializer kser
+
+    def __init__(self, KeyedStateBackend backend, descriptor, int sid, StateTable table):
+        State.__init__(self, backend, descriptor, sid, table)
+        self.kser = descriptor.key_serializer
+        self.layout = LAYOUT_MAP
+
+    cdef inline int encode_ukey(self, object k) except -1:
+        self.backend.ubuf.len = 0
+        return self.kser.encode_key(k, &self.backend.ubuf)
+
+    cdef object read_entry(self, object k, bint *found):
+        cdef const uint8_t *v
+        cdef size_t vl
+        cdef int64_t ts, now
+        cdef sc_buf *u = &self.backend.ubuf
+        self.encode_ukey(k)
+        if not self.table.mget(self.pbuf.data, self.pbuf.len, self.phash, u.data, u.len, &v, &vl, &ts):
+            found[0] = False
+            return None
+        if self.ttl:
+            now = self.backend.now()
+            if sc_ttl_expired(ts, self.ttl, now):
+                result = self.vser.decode(v, vl) if self.return_expired else None
+                self.table.mremove(self.pbuf.data, self.pbuf.len, self.phash, u.data, u.len)
+                self.backend.ttl_expired += 1
+                found[0] = self.return_expired
+                return result
+            if self.update_on_read:
+                result = self.vser.decode(v, vl)
+                self.table.mtouch(self.pbuf.data, self.pbuf.len, self.phash, u.data, u.len, now)
+                found[0] = True
+                return result
+        found[0] = True
+        return self.vser.decode(v, vl)
+
+    def get(self, key):
+        """The value for ``key``, or None when absent (or expired and hidden)."""
+        cdef bint found
+        self.prepare()
+        return self.read_entry(key, &found)
+
+    def contains(self, key):
+        """True when ``key`` has a visible entry (a read: TTL rules apply)."""
+        cdef bint found
+        self.prepare()
+        self.read_entry(key, &found)
+        return found
+
+    def __contains__(self, key):
+        return self.contains(key)
+
+    def put(self, key, value):
+        """Store ``value`` under ``key``."""
+        self.prepare()
+        self.encode_ukey(key)
+        self.encode_value(value)
+        self.table.mput(self.pbuf.data, self.pbuf.len, self.phash, self.backend.ubuf.data, self.backend.ubuf.len,
+                        self.backend.vbuf.data, self.backend.vbuf.len, self.write_ts())
+
+    def put_all(self, mapping):
+        """Store every item of ``mapping`` (all are serialized before anything is stored)."""
+        self.prepare()
+        items = mapping.items() if hasattr(mapping, "items") else mapping
+        encoded = [(self.kser.serialize_key(k), self.vser.serialize(v)) for k, v in items]
+        self.put_encoded(encoded)
+
+    cdef int put_encoded(self, list encoded) except -1:
+        cdef bytes k, v
+        cdef int64_t ts = self.write_ts()
+        for k, v in encoded:
+            self.table.mput(self.pbuf.data, self.pbuf.len, self.phash,
+                            <const uint8_t *>PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k),
+                            <const uint8_t *>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), ts)
+        return 0
+
+    def remove(self, key):
+        """Remove ``key`` (no error when absent)."""
+        self.prepare()
+        self.encode_ukey(key)
+        self.table.mremove(self.pbuf.data, self.pbuf.len, self.phash, self.backend.ubuf.data,
+                           self.backend.ubuf.len)
+
+    cdef list visible(self):
+        """[(user key bytes, value bytes)] of the current map, applying TTL per entry."""
+        cdef list raw
+        cdef bytes kb, vb
+        cdef int64_t ts, now
+        self.prepare()
+        raw = self.table.mitems(self.pbuf.data, self.pbuf.len, self.phash)
+        if not self.ttl:
+            return [(kb, vb) for kb, vb, ts in raw]
+        now = self.backend.now()
+        out = []
+        for kb, vb, ts in raw:
+            if sc_ttl_expired(ts, self.ttl, now):
+                self.table.mremove(self.pbuf.data, self.pbuf.len, self.phash,
+                                   <const uint8_t *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb))
+                self.backend.ttl_expired += 1
+                if not self.return_expired:
+                    continue
+            elif self.update_on_read:
+                self.table.mtouch(self.pbuf.data, self.pbuf.len, self.phash,
+                                  <const uint8_t *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), now)
+            out.append((kb, vb))
+        return out
+
+    cdef inline object dk(self, bytes kb):
+        return self.kser.decode(<const uint8_t *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb))
+
+    cdef inline object dv(self, bytes vb):
+        return self.vser.decode(<const uint8_t *>PyBytes_AS_STRING(vb), PyBytes_GET_SIZE(vb))
+
+    def items(self):
+        """List of (key, value) pairs."""
+        return [(self.dk(kb), self.dv(vb)) for kb, vb in self.visible()]
+
+    def keys(self):
+        """List of keys."""
+        return [self.dk(kb) for kb, vb in self.visible()]
+
+    def values(self):
+        """List of values."""
+        return [self.dv(vb) for kb, vb in self.visible()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def is_empty(self):
+        """True when the map has no visible entry."""
+        return len(self.visible()) == 0
+
+    def put_batch(self, user_keys, values):
+        """``put`` for many user keys of the current key (all serialized before anything is stored)."""
+        self.prepare()
+        if len(user_keys) != len(values):
+            raise ValueError(f"put_batch needs as many values as keys ({len(values)} != {len(user_keys)})")
+        self.put_encoded([(self.kser.serialize_key(k), self.vser.serialize(v))
+                          for k, v in zip(_py_items(user_keys), _py_items(values))])
+
+    def get_batch(self, user_keys, fill=None):
+        """``get`` for many user keys of the current key.
+
+        Missing keys take ``fill`` (None).  With an Int64/Float64 value
+        serializer and an ndarray of keys the result is an ndarray of that dtype
+        (a float64 result uses NaN for missing keys when fill is None; an int64
+        one raises ``StateError`` unless ``fill`` is given); otherwise a list.
+        """
+        cdef bint found
+        cdef Py_ssize_t missing = 0
+        self.prepare()
+        out = []
+        for k in _py_items(user_keys):
+            v = self.read_entry(k, &found)
+            if not found:
+                missing += 1
+                v = fill
+            out.append(v)
+        if isinstance(user_keys, np.ndarray) and self.vser.kind in (KIND_FLOAT64, KIND_INT64):
+            if self.vser.kind == KIND_FLOAT64:
+                return np.array([np.nan if v is None else v for v in out], dtype=np.float64)
+            if missing and fill is None:
+                raise StateError(f"get_batch: {missing} key(s) have no value and an int64 array cannot hold None; "
+                                 "pass fill=<int>")
+            return np.array(out, dtype=np.int64)
+        return out
+
+
+cdef object _py_items(seq):
+    """NumPy arrays yield NumPy scalars; turn them into Python objects once."""
+    if isinstance(seq, np.ndarray):
+        return seq.tolist()
+    return seq
+
+
+cdef class ReducingState(State):
+    """One value per key and namespace, folded with ``reduce_function(acc, value)``.
+
+    As in Flink's heap backend, ``add(None)`` clears the state.  ``get()`` is
+    None when empty.
+    """
+    cdef object reduce_function
+
+    def __init__(self, KeyedStateBackend backend, descriptor, int sid, StateTable table):
+        State.__init__(self, backend, descriptor, sid, table)
+        self.reduce_function = descriptor.reduce_function
+        self.layout = LAYOUT_VALUE
+
+    def get(self):
+        """The folded value, or None when empty."""
+        cdef bint found
+        self.prepare()
+        return self.read_single(&found)
+
+    def add(self, value):
+        """Fold ``value`` into the stored value (an expired one counts as absent
+        under NeverReturnExpired, as Flink's TtlReduceFunction does)."""
+        cdef bint found
+        self.prepare()
+        if value is None:
+            self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
+            return
+        acc = self.read_single(&found)
+        self.write_single(self.reduce_function(acc, value) if found else value)
+
+
+cdef class AggregatingState(State):
+    """An accumulator per key and namespace (Flink's AggregatingState).
+
+    ``add(v)`` does ``acc = add(v, acc)`` starting from ``create_accumulator()``;
+    ``get()`` is ``get_result(acc)``, or None when empty.  The descriptor's
+    serializer serializes the accumulator.  ``add(None)`` clears, as in Flink's
+    heap backend.
+    """
+    cdef object agg
+
+    def __init__(self, KeyedStateBackend backend, descriptor, int sid, StateTable table):
+        State.__init__(self, backend, descriptor, sid, table)
+        self.agg = descriptor.aggregate_function
+        self.layout = LAYOUT_VALUE
+
+    def get(self):
+        """``get_result`` of the accumulator, or None when empty."""
+        cdef bint found
+        self.prepare()
+        acc = self.read_single(&found)
+        return self.agg.get_result(acc) if found else None
+
+    def add(self, value):
+        """Add ``value`` into the accumulator."""
+        cdef bint found
+        self.prepare()
+        if value is None:
+            self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
+            return
+        acc = self.read_single(&found)
+        if not found:
+            acc = self.agg.create_accumulator()
+        self.write_single(self.agg.add(value, acc))
+
+
+_STATE_CLASSES = {
+    "value": ValueState,
+    "list": ListState,
+    "map": MapState,
+    "reducing": ReducingState,
+    "aggregating": AggregatingState,
+}

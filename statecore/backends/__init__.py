@@ -1,0 +1,5 @@
+"""Working-state backends: where keyed state lives while the job runs."""
+from statecore.backends.base import StateBackend
+from statecore.backends.heap import FsStateBackend, HashMapStateBackend, HeapKeyedStateBackend, MemoryStateBackend
+
+__all__ = ["StateBackend", "HashMapStateBackend", "HeapKeyedStateBackend", "MemoryStateBackend", "FsStateBackend"]

@@ -1,0 +1,71 @@
+"""Fixtures shared by the keyed-state acceptance suite.
+
+* ``backend_name`` / ``make_backend``: one run per registered backend (tests/backends.py).
+* ``clock``: a ``statecore.ManualClock(0)``.
+* ``kb``: a keyed state backend (max_parallelism=128, the manual clock), closed afterwards.
+* hypothesis profiles: ``ci`` (default) and ``soak`` (``STATECORE_SOAK=1``).
+"""
+
+import itertools
+import os
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import statecore  # noqa: E402
+from backends import BACKENDS  # noqa: E402
+
+SOAK = os.environ.get("STATECORE_SOAK") == "1"
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=60,
+    stateful_step_count=50,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "soak",
+    deadline=None,
+    max_examples=5000,
+    stateful_step_count=100,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("soak" if SOAK else "ci")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (subprocesses, large inputs)")
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend_name(request):
+    return request.param
+
+
+@pytest.fixture
+def make_backend(backend_name, tmp_path):
+    """A factory for fresh backends of the parametrized type, each in its own directory."""
+    counter = itertools.count()
+
+    def make():
+        path = tmp_path / f"backend{next(counter)}"
+        path.mkdir()
+        return BACKENDS[backend_name](path)
+
+    return make
+
+
+@pytest.fixture
+def clock():
+    return statecore.ManualClock(0)
+
+
+@pytest.fixture
+def kb(make_backend, clock):
+    keyed = make_backend().create_keyed_state_backend(max_parallelism=128, clock=clock)
+    yield keyed
+    keyed.close()

@@ -1,10 +1,12 @@
 /*
  * sc_table.h - open-addressing hash table: byte-string key -> (value bytes, int64 ts).
  *
- * Ownership: the table owns every key and value.  Each occupied slot points
- * at one malloc'd block holding the key followed by the value region
- * (capacity vcap >= vlen), so an overwrite of a value of the same or smaller
- * size writes in place and an append (ListState.add) is amortised O(len).
+ * Ownership: the table owns every key and value.  A slot holds the key
+ * followed by the value region (capacity vcap >= vlen) inline when both fit in
+ * SC_INLINE_BYTES (an int key's composite key and a float value do: one cache
+ * miss per lookup), else it points at one malloc'd block laid out the same
+ * way.  An overwrite of a value of the same or smaller size writes in place
+ * and an append (ListState.add) is amortised O(len).
  * Keys and values are serialized bytes in C memory: no Python object is
  * referenced, so a table can be snapshotted, flushed or freed without the GIL.
  *
@@ -25,16 +27,23 @@
 
 #include "sc_common.h"
 #include "sc_hash.h"
+#include "sc_ttl.h"
 
 #include <string.h>
 
+/** Bytes of key + value stored inside the slot itself (no allocation, no second cache miss). */
+#define SC_INLINE_BYTES 24
+
 typedef struct sc_entry {
-    uint8_t *data;   /**< key bytes then value region; NULL marks an empty slot */
-    uint32_t hash;   /**< low 32 bits of sc_table_hash(key); compared before keys */
+    int64_t ts;      /**< last-access timestamp for TTL (ms); 0 when TTL is off */
+    uint32_t hash;   /**< sc_table_hash(key), never 0; 0 marks an empty slot */
     uint32_t klen;   /**< key length in bytes */
     uint32_t vlen;   /**< value length in bytes (8 = the sc_table* in nested tables) */
-    uint32_t vcap;   /**< value region capacity, >= vlen */
-    int64_t ts;      /**< last-access timestamp for TTL (ms); 0 when TTL is off */
+    uint32_t vcap;   /**< value capacity >= vlen; klen + vcap <= SC_INLINE_BYTES iff stored inline */
+    union {
+        uint8_t *ptr;                  /**< external block: key bytes then the value region */
+        uint8_t inl[SC_INLINE_BYTES];  /**< inline: key bytes then the value region */
+    } u;
 } sc_entry;
 
 typedef struct sc_table {
@@ -47,7 +56,8 @@ typedef struct sc_table {
 
 /** The hash every table uses for a key (callers may compute it once and reuse it). */
 SC_INLINE uint32_t sc_table_hash(const uint8_t *key, size_t klen) {
-    return (uint32_t)sc_hash64(key, klen);
+    uint32_t h = (uint32_t)sc_hash64(key, klen);
+    return h ? h : 1; /* 0 marks empty slots */
 }
 
 /** New empty table; initial_capacity is rounded up to a power of two >= 8.  NULL on ENOMEM. */
@@ -85,7 +95,7 @@ sc_table *sc_table_get_inner(sc_table *t, const uint8_t *key, size_t klen, uint3
 /** Occupied slot at index i (0 <= i <= mask) or NULL: for iteration and cleanup cursors. */
 SC_INLINE sc_entry *sc_table_slot(const sc_table *t, size_t i) {
     sc_entry *e = &t->slots[i & t->mask];
-    return e->data ? e : NULL;
+    return e->hash ? e : NULL;
 }
 
 /** Next occupied entry at or after *pos, advancing *pos past it; NULL at the end. */
@@ -96,11 +106,12 @@ SC_INLINE void sc_table_prefetch(const sc_table *t, uint32_t hash) {
     SC_PREFETCH(&t->slots[hash & t->mask]);
 }
 
-SC_INLINE const uint8_t *sc_entry_key(const sc_entry *e) { return e->data; }
-SC_INLINE uint8_t *sc_entry_value(const sc_entry *e) { return e->data + e->klen; }
-SC_INLINE sc_table *sc_entry_inner(const sc_entry *e) {
+SC_INLINE int sc_entry_is_inline(const sc_entry *e) { return (size_t)e->klen + e->vcap <= SC_INLINE_BYTES; }
+SC_INLINE uint8_t *sc_entry_key(sc_entry *e) { return sc_entry_is_inline(e) ? e->u.inl : e->u.ptr; }
+SC_INLINE uint8_t *sc_entry_value(sc_entry *e) { return sc_entry_key(e) + e->klen; }
+SC_INLINE sc_table *sc_entry_inner(sc_entry *e) {
     sc_table *inner;
-    memcpy(&inner, e->data + e->klen, sizeof inner);
+    memcpy(&inner, sc_entry_value(e), sizeof inner);
     return inner;
 }
 
@@ -108,6 +119,14 @@ SC_INLINE sc_table *sc_entry_inner(const sc_entry *e) {
 size_t sc_table_bytes_deep(const sc_table *t);
 /** Entries, counting each entry of nested tables (O(entries) for nested tables). */
 size_t sc_table_count_deep(const sc_table *t);
+
+/**
+ * Incremental TTL cleanup of a flat table (Flink's heap incremental cleanup):
+ * visit up to n slots from *cursor (advancing it, round robin) and delete the
+ * entries whose timestamp has expired (sc_ttl_expired).  Returns how many
+ * were deleted.  Slots are visited in order, so the scan is cache-friendly.
+ */
+size_t sc_table_expire_scan(sc_table *t, size_t *cursor, size_t n, int64_t ttl, int64_t now);
 
 /** Deep copy (for consistent snapshots).  NULL on ENOMEM. */
 sc_table *sc_table_clone(const sc_table *t);

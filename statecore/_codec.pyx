@@ -41,6 +41,7 @@ from libc.string cimport memcpy
 from statecore._csrc cimport (SC_OK, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free, sc_buf_put_byte,
                               sc_buf_reserve, sc_buf_write, sc_varint_get, sc_varint_put)
 
+import io as _io
 import json as _json
 import pickle as _pickle
 
@@ -577,6 +578,18 @@ cdef class Auto(_Builtin):
         return value
 
 
+def check_key(obj, depth=0):
+    """Refuse values that cannot be keys: dicts and NaN, also inside tuples/lists."""
+    if isinstance(obj, dict):
+        raise SerializationError("a dict cannot be a key: its order is not part of its value; "
+                                 "use a tuple of sorted items instead")
+    if isinstance(obj, float) and obj != obj:
+        raise SerializationError("NaN cannot be a key: it is not equal to itself; map it to another value")
+    if isinstance(obj, (tuple, list)) and depth < _MAX_DEPTH:
+        for item in obj:
+            check_key(item, depth + 1)
+
+
 class Pickle(Serializer):
     """Any picklable object, via :mod:`pickle` (protocol 5).
 
@@ -593,11 +606,20 @@ class Pickle(Serializer):
         except (_pickle.PicklingError, TypeError, AttributeError) as exc:
             raise SerializationError(f"Pickle cannot serialize {type(obj).__name__}: {exc}") from exc
 
+    def serialize_key(self, obj):
+        check_key(obj)
+        return self.serialize(obj)
+
     def deserialize(self, data):
+        stream = _io.BytesIO(data)
         try:
-            return _pickle.loads(data)
+            value = _pickle.Unpickler(stream).load()
         except Exception as exc:  # pickle raises many types for bad input; report them as one
             raise SerializationError(f"Pickle: cannot decode these bytes: {type(exc).__name__}: {exc}") from exc
+        if stream.tell() != len(stream.getbuffer()):
+            raise SerializationError(f"Pickle: cannot decode these bytes: "
+                                     f"{len(stream.getbuffer()) - stream.tell()} trailing bytes")
+        return value
 
 
 class Json(Serializer):
@@ -613,8 +635,7 @@ class Json(Serializer):
             raise SerializationError(f"Json cannot serialize {type(obj).__name__}: {exc}") from exc
 
     def serialize_key(self, obj):
-        if isinstance(obj, float) and obj != obj:
-            raise SerializationError("NaN cannot be a key: it is not equal to itself; map it to another value")
+        check_key(obj)
         return self.serialize(obj)
 
     def deserialize(self, data):

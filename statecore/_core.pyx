@@ -9,7 +9,7 @@
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint8_t
 
-from statecore._csrc cimport (sc_entry, sc_entry_value, sc_flink_murmur, sc_key_group, sc_murmur3_32, sc_table,
+from statecore._csrc cimport (sc_entry, sc_entry_key, sc_entry_value, sc_flink_murmur, sc_key_group, sc_murmur3_32, sc_table,
                               sc_table_bytes_deep, sc_table_clear, sc_table_delete, sc_table_find, sc_table_free,
                               sc_table_hash, sc_table_new, sc_table_next, sc_table_put, sc_table_append,
                               sc_table_clone)
@@ -83,7 +83,7 @@ cdef class KeyTable:
             e = sc_table_next(self.t, &pos)
             if e is NULL:
                 return out
-            out.append((PyBytes_FromStringAndSize(<const char *>e.data, e.klen),
+            out.append((PyBytes_FromStringAndSize(<const char *>sc_entry_key(e), e.klen),
                         PyBytes_FromStringAndSize(<const char *>sc_entry_value(e), e.vlen), e.ts))
 
     def clone(self):

@@ -64,13 +64,13 @@ cdef extern from "sc_ttl.h" nogil:
 
 
 cdef extern from "sc_table.h" nogil:
+    enum: SC_INLINE_BYTES
     ctypedef struct sc_entry:
-        uint8_t *data
+        int64_t ts
         uint32_t hash
         uint32_t klen
         uint32_t vlen
         uint32_t vcap
-        int64_t ts
     ctypedef struct sc_table:
         sc_entry *slots
         size_t mask
@@ -93,9 +93,11 @@ cdef extern from "sc_table.h" nogil:
     sc_entry *sc_table_slot(const sc_table *t, size_t i)
     sc_entry *sc_table_next(const sc_table *t, size_t *pos)
     void sc_table_prefetch(const sc_table *t, uint32_t hash)
-    const uint8_t *sc_entry_key(const sc_entry *e)
-    uint8_t *sc_entry_value(const sc_entry *e)
-    sc_table *sc_entry_inner(const sc_entry *e)
+    int sc_entry_is_inline(const sc_entry *e)
+    uint8_t *sc_entry_key(sc_entry *e)
+    uint8_t *sc_entry_value(sc_entry *e)
+    sc_table *sc_entry_inner(sc_entry *e)
     size_t sc_table_bytes_deep(const sc_table *t)
     size_t sc_table_count_deep(const sc_table *t)
+    size_t sc_table_expire_scan(sc_table *t, size_t *cursor, size_t n, int64_t ttl, int64_t now)
     sc_table *sc_table_clone(const sc_table *t)

@@ -29,9 +29,9 @@ from libc.string cimport memcpy
 from statecore._codec cimport (KIND_AUTO, KIND_FLOAT64, KIND_INT64, TAG_INT64, Serializer, write_bytes)
 from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be16_put, sc_be64_get,
                               sc_be64_put, sc_buf, sc_buf_free, sc_buf_reserve, sc_entry, sc_entry_inner,
-                              sc_entry_value, sc_kc_build_prefix, sc_kc_parse, sc_kc_parts, sc_key_group, sc_now_ms,
+                              sc_entry_key, sc_entry_value, sc_kc_build_prefix, sc_kc_parse, sc_kc_parts, sc_key_group, sc_now_ms,
                               sc_status, sc_table, sc_table_append, sc_table_bytes_deep, sc_table_count_deep,
-                              sc_table_delete, sc_table_delete_entry, sc_table_find, sc_table_free,
+                              sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find, sc_table_free,
                               sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
                               sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._status cimport check
@@ -277,7 +277,7 @@ cdef class HeapStateTable(StateTable):
             e = sc_table_next(t, &pos)
             if e is NULL:
                 return out
-            out.append((as_bytes(e.data, e.klen), as_bytes(sc_entry_value(e), e.vlen), e.ts))
+            out.append((as_bytes(sc_entry_key(e), e.klen), as_bytes(sc_entry_value(e), e.vlen), e.ts))
 
     cdef int mclear(self, const uint8_t *p, size_t pl, uint32_t ph) except -1:
         return sc_table_delete(self.t, p, pl, ph)
@@ -291,7 +291,7 @@ cdef class HeapStateTable(StateTable):
             e = sc_table_next(self.t, &pos)
             if e is NULL:
                 return out
-            check(sc_kc_parse(e.data, e.klen, &parts))
+            check(sc_kc_parse(sc_entry_key(e), e.klen, &parts))
             if parts.nslen == nsl and (nsl == 0 or parts.ns[0] == ns[0]) and \
                     as_bytes(parts.ns, parts.nslen) == as_bytes(ns, nsl):
                 out.append(as_bytes(parts.key, parts.klen))
@@ -308,6 +308,8 @@ cdef class HeapStateTable(StateTable):
         cdef sc_entry *e
         if self.t.count == 0:
             return 0
+        if layout == LAYOUT_VALUE:
+            return sc_table_expire_scan(self.t, &self.cursor, n, ttl, now)
         for i in range(min(n, cap)):
             e = sc_table_slot(self.t, self.cursor)
             if e is not NULL:
@@ -340,7 +342,7 @@ cdef class HeapStateTable(StateTable):
             if scratch.len == 0:
                 sc_table_delete_entry(self.t, e)
             else:
-                check(sc_table_put(self.t, e.data, e.klen, e.hash, scratch.data, scratch.len, e.ts, NULL))
+                check(sc_table_put(self.t, sc_entry_key(e), e.klen, e.hash, scratch.data, scratch.len, e.ts, NULL))
         return dropped
 
     cdef long _clean_map(self, sc_entry *e, int64_t ttl, int64_t now) except -1:
@@ -614,6 +616,7 @@ cdef class State:
     cdef size_t cleanup_size
     cdef bint cleanup_every_record
     cdef int layout
+    cdef int64_t now   # clock reading of the current access (read once per access when TTL is on)
 
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.nsbuf)
@@ -652,11 +655,14 @@ cdef class State:
                                      self.nsbuf.data, self.nsbuf.len))
             self.phash = sc_table_hash(self.pbuf.data, self.pbuf.len)
             self.pver = b.key_version
-        if self.cleanup_size:
-            self.run_cleanup()
+        if self.ttl:
+            self.now = b.now()
+            if self.cleanup_size:
+                b.ttl_expired += self.table.cleanup(self.cleanup_size, self.ttl, self.now, self.layout, &b.rbuf)
         return 0
 
     cdef int run_cleanup(self) except -1:
+        """Per-record incremental cleanup (cleanup_incrementally(..., every_record=True))."""
         self.backend.ttl_expired += self.table.cleanup(self.cleanup_size, self.ttl, self.backend.now(),
                                                        self.layout, &self.backend.rbuf)
         return 0
@@ -684,8 +690,8 @@ cdef class State:
         self.backend.vbuf.len = 0
         return self.vser.encode(value, &self.backend.vbuf)
 
-    cdef inline int64_t write_ts(self) except? -1:
-        return self.backend.now() if self.ttl else 0
+    cdef inline int64_t write_ts(self) noexcept:
+        return self.now if self.ttl else 0
 
     cdef object read_single(self, bint *found):
         """Read the value-like entry of the current key/namespace with Flink's TTL rules."""
@@ -696,7 +702,7 @@ cdef class State:
             found[0] = False
             return None
         if self.ttl:
-            now = self.backend.now()
+            now = self.now
             if sc_ttl_expired(ts, self.ttl, now):
                 result = self.vser.decode(v, vl) if self.return_expired else None
                 self.table.remove(self.pbuf.data, self.pbuf.len, self.phash)
@@ -800,6 +806,8 @@ cdef class ValueState(State):
         nothing.  A ``None`` value clears that key.  Duplicate keys: the last wins.
         """
         self.backend.check_open()
+        if self.ttl:
+            self.now = self.backend.now()
         if len(keys) != len(values):
             raise ValueError(f"update_batch needs as many values as keys ({len(values)} != {len(keys)})")
         kind = self.fast_kind(keys)
@@ -1120,7 +1128,7 @@ cdef class ListState(State):
             while next_record(&p, v + vl, &ets, &el, &ell):
                 out.append(self.vser.decode(el, ell))
             return out
-        now = b.now()
+        now = self.now
         b.rbuf.len = 0
         p = v
         while next_record(&p, v + vl, &ets, &el, &ell):
@@ -1197,7 +1205,7 @@ cdef class MapState(State):
             found[0] = False
             return None
         if self.ttl:
-            now = self.backend.now()
+            now = self.now
             if sc_ttl_expired(ts, self.ttl, now):
                 result = self.vser.decode(v, vl) if self.return_expired else None
                 self.table.mremove(self.pbuf.data, self.pbuf.len, self.phash, u.data, u.len)
@@ -1268,7 +1276,7 @@ cdef class MapState(State):
         raw = self.table.mitems(self.pbuf.data, self.pbuf.len, self.phash)
         if not self.ttl:
             return [(kb, vb) for kb, vb, ts in raw]
-        now = self.backend.now()
+        now = self.now
         out = []
         for kb, vb, ts in raw:
             if sc_ttl_expired(ts, self.ttl, now):

@@ -68,6 +68,11 @@ PLAIN_STATES = [s for s in ALL_STATES if not s.endswith("_ttl")]
 
 V_DEFAULT = "<default>"
 
+# Half of the draws come from a few "hot" keys and namespaces, so that a run returns to the
+# entries it wrote (and lets them expire) instead of scattering over the whole pool.
+KEYS = st.one_of(st.sampled_from([1, "ü日本語🙂", ("t" * 650,)]), st.sampled_from(KEY_POOL))
+NAMESPACE_DRAWS = st.one_of(st.sampled_from([None, "ns"]), st.sampled_from(NAMESPACES))
+
 
 def same(actual, expected, what):
     assert canon(actual) == canon(expected), f"{what}: backend {actual!r} != model {expected!r}"
@@ -106,8 +111,9 @@ def make_machine(backend_name):
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
         # -- setup --------------------------------------------------------------------
-        @initialize(ttl_ms=st.integers(1, 1000), update_type=st.sampled_from(UPDATE_TYPES),
-                    visibility=st.sampled_from(VISIBILITIES), key=st.sampled_from(KEY_POOL),
+        @initialize(ttl_ms=st.one_of(st.integers(1, 10), st.integers(1, 1000)),
+                    update_type=st.sampled_from(UPDATE_TYPES),
+                    visibility=st.sampled_from(VISIBILITIES), key=KEYS,
                     start=st.integers(0, 10 ** 6))
         def setup(self, ttl_ms, update_type, visibility, key, start):
             self.clock.set(start)
@@ -143,7 +149,7 @@ def make_machine(backend_name):
             return self.real[name], self.model.states[name]
 
         # -- keys, namespaces, clock ----------------------------------------------------
-        @rule(key=st.sampled_from(KEY_POOL))
+        @rule(key=KEYS)
         def set_key(self, key):
             self._set_key(key)
 
@@ -152,7 +158,7 @@ def make_machine(backend_name):
             self.model.set_current_key(key)
             assert self.kb.current_key_group == statecore.assign_to_key_group(key, 128)
 
-        @rule(name=st.sampled_from(NAMESPACED_STATES), namespace=st.sampled_from(NAMESPACES))
+        @rule(name=st.sampled_from(NAMESPACED_STATES), namespace=NAMESPACE_DRAWS)
         def set_namespace(self, name, namespace):
             real, model = self.pair(name)
             real.set_current_namespace(namespace)
@@ -160,9 +166,14 @@ def make_machine(backend_name):
 
         @rule(data=st.data())
         def advance_clock(self, data):
-            self.clock.advance(data.draw(st.integers(0, 2 * self.ttl_ms), label="advance_ms"))
+            ttl = self.ttl_ms
+            # exact TTL edges are drawn often: an entry written now is visible after ttl - 1
+            # and expired after ttl
+            step = data.draw(st.one_of(st.sampled_from([0, 1, ttl - 1, ttl, ttl + 1]),
+                                       st.integers(0, 2 * ttl)), label="advance_ms")
+            self.clock.advance(step)
 
-        @rule(name=st.sampled_from(ALL_STATES), namespace=st.sampled_from(NAMESPACES))
+        @rule(name=st.sampled_from(ALL_STATES), namespace=NAMESPACE_DRAWS)
         def get_keys(self, name, namespace):
             keys = list(self.kb.get_keys(name, namespace))
             got = [canon(k) for k in keys]
@@ -358,6 +369,24 @@ def make_machine(backend_name):
             real.clear()
             model.clear()
 
+        @rule()
+        def read_all_ttl_states(self):
+            """One read of every TTL state (each read has TTL side effects, replayed by the model)."""
+            for name in ALL_STATES:
+                if name.endswith("_ttl"):
+                    self._read(name)
+
+        def _read(self, name):
+            real, model = self.pair(name)
+            if name in VALUE_STATES:
+                same(real.value(), model.value(), f"{name}.value()")
+            elif name in LIST_STATES:
+                same(real.get(), model.get(), f"{name}.get()")
+            elif name in MAP_STATES:
+                same_items(real.items(), model.items(), f"{name}.items()")
+            else:
+                same(real.get(), model.get(), f"{name}.get()")
+
         # -- invariants ---------------------------------------------------------------------------
         @invariant()
         def backend_equals_model(self):
@@ -365,15 +394,7 @@ def make_machine(backend_name):
                 return
             same(self.kb.get_current_key(), self.model.get_current_key(), "get_current_key()")
             for name in PLAIN_STATES:
-                real, model = self.pair(name)
-                if name in VALUE_STATES:
-                    same(real.value(), model.value(), f"{name}.value()")
-                elif name in LIST_STATES:
-                    same(real.get(), model.get(), f"{name}.get()")
-                elif name in MAP_STATES:
-                    same_items(real.items(), model.items(), f"{name}.items()")
-                else:
-                    same(real.get(), model.get(), f"{name}.get()")
+                self._read(name)
             assert self.kb.num_state_entries() == self.model.num_state_entries(), (
                 f"num_state_entries: backend {self.kb.num_state_entries()} != model "
                 f"{self.model.num_state_entries()}")

@@ -1,0 +1,46 @@
+# cython: language_level=3
+"""The storage interface states are written against, for sibling modules to implement.
+
+A ``StateTable`` stores one state's entries under composite keys (see
+csrc/sc_keycodec.h).  The heap backend's implementation is HeapStateTable in
+_states.pyx; the LMDB tier provides its own.  Contract of every method:
+
+* ``k``/``p`` is the (state, key, namespace) prefix and ``h``/``ph`` its
+  ``sc_table_hash``; ``uk`` is a serialized map user key.
+* ``get``/``mget`` return 1 and set ``*v, *vl, *ts`` when found, else 0; the
+  pointer stays valid until the next call on the table.
+* ``remove``/``mremove`` return 1 when something was removed.
+* ``append`` appends bytes to the value (ListState records), creating it.
+* ``mitems`` returns ``[(user key bytes, value bytes, ts)]``; ``key_bytes``
+  the serialized keys with an entry in a namespace.
+* ``cleanup`` visits up to n entries and drops expired ones (returns the count);
+  ``layout`` is 0 value, 1 list blob, 2 map.
+"""
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+
+from statecore._csrc cimport sc_buf
+
+
+cdef class StateTable:
+    cdef int get(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                 int64_t *ts) except -1
+    cdef int put(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
+                 int64_t ts) except -1
+    cdef int remove(self, const uint8_t *k, size_t kl, uint32_t h) except -1
+    cdef int touch(self, const uint8_t *k, size_t kl, uint32_t h, int64_t ts) except -1
+    cdef int append(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
+                    int64_t ts) except -1
+    cdef int mget(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                  const uint8_t **v, size_t *vl, int64_t *ts) except -1
+    cdef int mput(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                  const uint8_t *v, size_t vl, int64_t ts) except -1
+    cdef int mremove(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl) except -1
+    cdef int mtouch(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
+                    int64_t ts) except -1
+    cdef list mitems(self, const uint8_t *p, size_t pl, uint32_t ph)
+    cdef int mclear(self, const uint8_t *p, size_t pl, uint32_t ph) except -1
+    cdef list key_bytes(self, const uint8_t *ns, size_t nsl)
+    cdef size_t count(self)
+    cdef size_t nbytes(self)
+    cdef long cleanup(self, size_t n, int64_t ttl, int64_t now, int layout, sc_buf *scratch) except -1
+    cdef void release(self) noexcept

@@ -6,10 +6,10 @@
   bytes -> (bytes, ts) mapping, for tests and tools; the states use the C table
   directly.
 """
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint8_t
 
-from statecore._csrc cimport (sc_entry, sc_entry_key, sc_entry_value, sc_flink_murmur, sc_key_group, sc_murmur3_32, sc_table,
+from statecore._csrc cimport (SC_OK, sc_buf, sc_buf_free, sc_kc_build_prefix, sc_kc_parse, sc_kc_parts, sc_entry, sc_entry_key, sc_entry_value, sc_flink_murmur, sc_key_group, sc_murmur3_32, sc_table,
                               sc_table_bytes_deep, sc_table_clear, sc_table_delete, sc_table_find, sc_table_free,
                               sc_table_hash, sc_table_new, sc_table_next, sc_table_put, sc_table_append,
                               sc_table_clone)
@@ -104,3 +104,28 @@ cdef class KeyTable:
 
     def __len__(self):
         return self.t.count
+
+
+def composite_key(int key_group, int state_id, bytes key not None, bytes namespace not None, bytes user_key=b""):
+    """The composite key ``BE16 kg | BE16 state id | varint len | key | varint len | ns | user key``."""
+    cdef sc_buf b
+    if not 0 <= key_group <= 0xFFFF or not 0 <= state_id <= 0xFFFF:
+        raise ValueError("key_group and state_id must be in 0..65535")
+    b.data = NULL
+    b.len = b.cap = 0
+    try:
+        check(sc_kc_build_prefix(&b, key_group, state_id, <const uint8_t *>PyBytes_AS_STRING(key), len(key),
+                                 <const uint8_t *>PyBytes_AS_STRING(namespace), len(namespace)))
+        return PyBytes_FromStringAndSize(<const char *>b.data, b.len) + user_key
+    finally:
+        sc_buf_free(&b)
+
+
+def parse_composite_key(bytes data not None):
+    """(key_group, state_id, key, namespace, user_key) of a composite key; ValueError when malformed."""
+    cdef sc_kc_parts p
+    if sc_kc_parse(<const uint8_t *>PyBytes_AS_STRING(data), len(data), &p) != SC_OK:
+        raise ValueError("malformed composite key")
+    return (p.key_group, p.state_id, PyBytes_FromStringAndSize(<const char *>p.key, p.klen),
+            PyBytes_FromStringAndSize(<const char *>p.ns, p.nslen),
+            PyBytes_FromStringAndSize(<const char *>p.user_key, p.uklen))

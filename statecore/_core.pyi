@@ -1,5 +1,5 @@
 """Stubs of the C-core bindings (statecore/_core.pyx)."""
-from typing import Buffer
+from typing_extensions import Buffer
 
 def murmur3_32(data: Buffer, seed: int = ...) -> int: ...
 def flink_murmur_hash(code: int) -> int: ...

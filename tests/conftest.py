@@ -23,7 +23,7 @@ SOAK = os.environ.get("STATECORE_SOAK") == "1"
 settings.register_profile(
     "ci",
     deadline=None,
-    max_examples=200,
+    max_examples=300,
     stateful_step_count=50,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

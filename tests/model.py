@@ -198,7 +198,7 @@ class ModelState:
             return False
         if now is None:
             now = self.now()
-        return cell.ts + self.ttl.ttl_ms < now
+        return cell.ts + self.ttl.ttl_ms <= now
 
     def read_rule(self, cell):
         """Apply Flink's read rule to one entry: returns (visible, keep_stored)."""

@@ -70,7 +70,8 @@ void sc_table_clear(sc_table *t);
 /** Entry for key, or NULL. */
 sc_entry *sc_table_find(const sc_table *t, const uint8_t *key, size_t klen, uint32_t hash);
 
-/** Insert or overwrite key with value and ts; *out (optional) receives the entry. */
+/** Insert or overwrite key with value and ts; *out (optional) receives the entry.
+ *  key and val must not point into this table (a put may grow or move it). */
 sc_status sc_table_put(sc_table *t, const uint8_t *key, size_t klen, uint32_t hash,
                        const uint8_t *val, size_t vlen, int64_t ts, sc_entry **out);
 

@@ -342,7 +342,10 @@ cdef class HeapStateTable(StateTable):
             if scratch.len == 0:
                 sc_table_delete_entry(self.t, e)
             else:
-                check(sc_table_put(self.t, sc_entry_key(e), e.klen, e.hash, scratch.data, scratch.len, e.ts, NULL))
+                # The kept records are never longer than the blob: rewrite it in place
+                # (a put could grow the table under a key pointer that aliases the slot).
+                memcpy(sc_entry_value(e), scratch.data, scratch.len)
+                e.vlen = <uint32_t>scratch.len
         return dropped
 
     cdef long _clean_map(self, sc_entry *e, int64_t ttl, int64_t now) except -1:

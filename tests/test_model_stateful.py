@@ -172,20 +172,27 @@ def make_machine(backend_name):
             model.set_current_namespace(namespace)
 
         # Three clock rules make time pass often enough for reads to land between a write, a
-        # refresh (OnReadAndWrite) and the expiry of either.
-        @rule(data=st.data())
-        def advance_clock(self, data):
+        # refresh (OnReadAndWrite) and the expiry of either; each may read every TTL state of
+        # the current key right after moving the clock.
+        @rule(data=st.data(), then_read=st.booleans())
+        def advance_clock(self, data, then_read):
             self.clock.advance(data.draw(st.integers(0, 2 * self.ttl_ms), label="advance_ms"))
+            if then_read:
+                self.read_all_ttl_states()
 
-        @rule(data=st.data())
-        def advance_clock_within_ttl(self, data):
+        @rule(data=st.data(), then_read=st.booleans())
+        def advance_clock_within_ttl(self, data, then_read):
             self.clock.advance(data.draw(st.integers(0, max(1, self.ttl_ms // 2)), label="advance_ms"))
+            if then_read:
+                self.read_all_ttl_states()
 
-        @rule(data=st.data())
-        def advance_clock_to_edge(self, data):
+        @rule(data=st.data(), then_read=st.booleans())
+        def advance_clock_to_edge(self, data, then_read):
             # an entry written now is visible after ttl - 1 and expired after ttl
             ttl = self.ttl_ms
             self.clock.advance(data.draw(st.sampled_from([ttl - 1, ttl, ttl + 1]), label="advance_ms"))
+            if then_read:
+                self.read_all_ttl_states()
 
         @rule(name=st.sampled_from(ALL_STATES), namespace=NAMESPACE_DRAWS)
         def get_keys(self, name, namespace):
@@ -200,13 +207,17 @@ def make_machine(backend_name):
             else:
                 assert set(got) == stored, f"get_keys({name!r}, {namespace!r}) = {keys!r}; model {stored}"
 
-        # -- ValueState -------------------------------------------------------------------
-        def value_strategy(self, name):
-            return st.one_of(st.none(), FLOATS) if name in FLOAT_STATES else st.one_of(st.none(), AUTO_VALUES)
+        # -- clear (every state type) -----------------------------------------------------------
+        @rule(name=names(ALL_STATES))
+        def clear(self, name):
+            real, model = self.pair(name)
+            real.clear()
+            model.clear()
 
+        # -- ValueState -------------------------------------------------------------------
         @rule(name=names(VALUE_STATES), data=st.data())
         def value_update(self, name, data):
-            value = data.draw(self.value_strategy(name), label="value")
+            value = data.draw(st.one_of(st.none(), FLOATS if name in FLOAT_STATES else AUTO_VALUES), label="value")
             real, model = self.pair(name)
             real.update(value)
             model.update(value)
@@ -215,12 +226,6 @@ def make_machine(backend_name):
         def value_read(self, name):
             real, model = self.pair(name)
             same(real.value(), model.value(), f"{name}.value()")
-
-        @rule(name=names(VALUE_STATES))
-        def value_clear(self, name):
-            real, model = self.pair(name)
-            real.clear()
-            model.clear()
 
         @rule(name=names(FLOAT_STATES),
               pairs=st.lists(st.tuples(st.sampled_from(INT_KEYS), FLOATS), min_size=1, max_size=6,
@@ -255,24 +260,26 @@ def make_machine(backend_name):
                 same(result, expected, f"{name}.value_batch({keys}, fill={fill})")
 
         # -- ListState ----------------------------------------------------------------------
-        @rule(name=names(LIST_STATES), value=LIST_ELEMENTS)
-        def list_add(self, name, value):
+        @rule(name=names(LIST_STATES), method=st.sampled_from(["add", "add_all", "add_all_iter", "update"]),
+              values=st.lists(LIST_ELEMENTS, min_size=1, max_size=4))
+        def list_write(self, name, method, values):
             real, model = self.pair(name)
-            real.add(value)
-            model.add(value)
+            if method == "add":
+                values = values[:1]
+                real.add(values[0])
+            elif method == "add_all":
+                real.add_all(tuple(values))
+            elif method == "add_all_iter":
+                real.add_all(iter(values))
+            else:
+                real.update(values)
+            getattr(model, "update" if method == "update" else "add_all")(values)
 
-        @rule(name=names(LIST_STATES), values=st.lists(LIST_ELEMENTS, max_size=4),
-              as_tuple=st.booleans())
-        def list_add_all(self, name, values, as_tuple):
+        @rule(name=names(LIST_STATES), method=st.sampled_from(["add_all", "update"]))
+        def list_write_empty(self, name, method):
             real, model = self.pair(name)
-            real.add_all(tuple(values) if as_tuple else iter(values))
-            model.add_all(values)
-
-        @rule(name=names(LIST_STATES), values=st.lists(LIST_ELEMENTS, max_size=4))
-        def list_update(self, name, values):
-            real, model = self.pair(name)
-            real.update(values)
-            model.update(values)
+            getattr(real, method)([])
+            getattr(model, method)([])
 
         @rule(name=names(LIST_STATES), values=st.lists(LIST_ELEMENTS, max_size=3),
               method=st.sampled_from(["add", "add_all", "update"]), data=st.data())
@@ -289,7 +296,7 @@ def make_machine(backend_name):
                 pass
             else:
                 raise AssertionError(f"{name}.{method} with a None element did not raise ValueError")
-            # nothing changed: the model was not touched, the next reads compare against it
+            # nothing changed: the model was not touched, and later reads compare against it
 
         @rule(name=names(LIST_STATES))
         def list_get(self, name):
@@ -298,72 +305,41 @@ def make_machine(backend_name):
             assert isinstance(got, list), repr(got)
             same(got, model.get(), f"{name}.get()")
 
-        @rule(name=names(LIST_STATES))
-        def list_clear(self, name):
-            real, model = self.pair(name)
-            real.clear()
-            model.clear()
-
         # -- MapState -------------------------------------------------------------------------
-        @rule(name=names(MAP_STATES), user_key=st.sampled_from(USER_KEYS), value=MAP_VALUES)
-        def map_put(self, name, user_key, value):
-            real, model = self.pair(name)
-            real.put(user_key, value)
-            model.put(user_key, value)
-
-        @rule(name=names(MAP_STATES),
+        @rule(name=names(MAP_STATES), method=st.sampled_from(["put", "put_all", "remove"]),
+              user_key=st.sampled_from(USER_KEYS), value=MAP_VALUES,
               mapping=st.dictionaries(st.sampled_from(USER_KEYS), MAP_VALUES, max_size=4))
-        def map_put_all(self, name, mapping):
+        def map_write(self, name, method, user_key, value, mapping):
             real, model = self.pair(name)
-            real.put_all(mapping)
-            model.put_all(mapping)
+            if method == "put":
+                real.put(user_key, value)
+                model.put(user_key, value)
+            elif method == "put_all":
+                real.put_all(mapping)
+                model.put_all(mapping)
+            else:
+                real.remove(user_key)
+                model.remove(user_key)
 
-        @rule(name=names(MAP_STATES), user_key=st.sampled_from(USER_KEYS))
-        def map_get(self, name, user_key):
+        @rule(name=names(MAP_STATES), user_key=st.sampled_from(USER_KEYS),
+              method=st.sampled_from(["get", "contains", "items", "keys", "values", "iter", "is_empty"]))
+        def map_read(self, name, user_key, method):
             real, model = self.pair(name)
-            same(real.get(user_key), model.get(user_key), f"{name}.get({user_key!r})")
-
-        @rule(name=names(MAP_STATES), user_key=st.sampled_from(USER_KEYS))
-        def map_contains(self, name, user_key):
-            real, model = self.pair(name)
-            same(real.contains(user_key), model.contains(user_key), f"{name}.contains({user_key!r})")
-
-        @rule(name=names(MAP_STATES), user_key=st.sampled_from(USER_KEYS))
-        def map_remove(self, name, user_key):
-            real, model = self.pair(name)
-            real.remove(user_key)
-            model.remove(user_key)
-
-        @rule(name=names(MAP_STATES))
-        def map_items(self, name):
-            real, model = self.pair(name)
-            same_items(real.items(), model.items(), f"{name}.items()")
-
-        @rule(name=names(MAP_STATES))
-        def map_keys(self, name):
-            real, model = self.pair(name)
-            same_multiset(real.keys(), model.keys(), f"{name}.keys()")
-
-        @rule(name=names(MAP_STATES))
-        def map_iter(self, name):
-            real, model = self.pair(name)
-            same_multiset(iter(real), model.keys(), f"iter({name})")
-
-        @rule(name=names(MAP_STATES))
-        def map_values(self, name):
-            real, model = self.pair(name)
-            same_multiset(real.values(), model.values(), f"{name}.values()")
-
-        @rule(name=names(MAP_STATES))
-        def map_is_empty(self, name):
-            real, model = self.pair(name)
-            same(real.is_empty(), model.is_empty(), f"{name}.is_empty()")
-
-        @rule(name=names(MAP_STATES))
-        def map_clear(self, name):
-            real, model = self.pair(name)
-            real.clear()
-            model.clear()
+            what = f"{name}.{method}({user_key!r})"
+            if method == "get":
+                same(real.get(user_key), model.get(user_key), what)
+            elif method == "contains":
+                same(real.contains(user_key), model.contains(user_key), what)
+            elif method == "items":
+                same_items(real.items(), model.items(), what)
+            elif method == "keys":
+                same_multiset(real.keys(), model.keys(), what)
+            elif method == "iter":
+                same_multiset(iter(real), model.keys(), what)
+            elif method == "values":
+                same_multiset(real.values(), model.values(), what)
+            else:
+                same(real.is_empty(), model.is_empty(), what)
 
         # -- Reducing / Aggregating -----------------------------------------------------------
         @rule(name=names(REDUCING_STATES + AGG_STATES), value=SMALL_INTS)
@@ -377,13 +353,10 @@ def make_machine(backend_name):
             real, model = self.pair(name)
             same(real.get(), model.get(), f"{name}.get()")
 
-        @rule(name=names(REDUCING_STATES + AGG_STATES))
-        def fold_clear(self, name):
-            real, model = self.pair(name)
-            real.clear()
-            model.clear()
-
         @rule()
+        def read_all_ttl(self):
+            self.read_all_ttl_states()
+
         def read_all_ttl_states(self):
             """One read of every TTL state (each read has TTL side effects, replayed by the model)."""
             for name in ALL_STATES:

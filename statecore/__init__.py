@@ -5,8 +5,8 @@ The public names of the contract (API.md) are importable from here.
 from statecore import serializers
 from statecore._states import (AggregatingState, KeyedStateBackend, ListState, MapState, ReducingState, State,
                                ValueState)
-from statecore.backends import (FsStateBackend, HashMapStateBackend, HeapKeyedStateBackend, MemoryStateBackend,
-                                StateBackend)
+from statecore.backends import (FsStateBackend, HashMapStateBackend, HeapKeyedStateBackend, LMDBKeyedStateBackend,
+                                LMDBStateBackend, MemoryStateBackend, RocksDBStateBackend, StateBackend)
 from statecore.checkpoint import CheckpointStorage, FileSystemCheckpointStorage, JobManagerCheckpointStorage
 from statecore.descriptors import (AggregatingStateDescriptor, ListStateDescriptor, MapStateDescriptor,
                                    ReducingStateDescriptor, StateDescriptor, ValueStateDescriptor)
@@ -21,7 +21,8 @@ from statecore.ttl import ManualClock, StateTtlConfig, StateVisibility, Time, Up
 __version__ = "0.1.0"
 
 __all__ = [
-    "HashMapStateBackend", "MemoryStateBackend", "FsStateBackend", "StateBackend", "KeyedStateBackend",
+    "HashMapStateBackend", "MemoryStateBackend", "FsStateBackend", "LMDBStateBackend", "RocksDBStateBackend",
+    "LMDBKeyedStateBackend", "StateBackend", "KeyedStateBackend",
     "HeapKeyedStateBackend", "CheckpointStorage", "JobManagerCheckpointStorage", "FileSystemCheckpointStorage",
     "StateDescriptor", "ValueStateDescriptor", "ListStateDescriptor", "MapStateDescriptor",
     "ReducingStateDescriptor", "AggregatingStateDescriptor",

@@ -1,0 +1,212 @@
+"""The LMDB spill tier: keyed state larger than memory (Flink's EmbeddedRocksDBStateBackend).
+
+``LMDBStateBackend`` keeps working state in a C write buffer (the memtable)
+flushed into one LMDB environment per keyed backend (statecore/_lmdb.pyx
+describes the storage design).  ``RocksDBStateBackend`` is the legacy name:
+the LMDB tier + ``FileSystemCheckpointStorage(checkpoint_uri)``.
+
+Working directories are scratch (checkpoints are the durable copy):
+
+* ``db_path=None``: a temporary directory, removed on close.
+* ``db_path`` given: each keyed backend uses ``db_path/<job>-<operator>-kg<start>-<end>``.
+  A directory left behind by an earlier (dead) process is wiped on open, but
+  only when it carries our marker file and its lock is free; a directory in use
+  by another process raises ``StateError`` (an ``flock`` on ``LOCK``); a
+  non-empty directory without the marker is never touched.
+"""
+import fcntl
+import os
+import re
+import shutil
+import tempfile
+
+from statecore._lmdb import LMDBStateTable, LMDBStore
+from statecore._states import KeyedStateBackend
+from statecore.backends.base import StateBackend
+from statecore.checkpoint.storage import FileSystemCheckpointStorage
+from statecore.errors import StateError
+
+MIB = 1 << 20
+MARKER = "STATECORE_LMDB"
+LOCK = "LOCK"
+_HELD = set()  # working directories this process holds (a second keyed backend picks another name)
+_LOCK_FDS = {}  # directory -> lock fd, closed in forked children
+
+
+def _after_fork_in_child():
+    for fd in list(_LOCK_FDS.values()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _acquire(path):
+    """Lock (and wipe) working directory ``path``; return the lock fd.  StateError when in use."""
+    os.makedirs(path, exist_ok=True)
+    names = set(os.listdir(path))
+    if names and MARKER not in names:
+        raise StateError(f"LMDB working directory {path!r} is not empty and was not created by statecore; "
+                         f"refusing to wipe it: choose an empty or new db_path")
+    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateError(f"LMDB working directory {path!r} is in use by another process (its lock file is "
+                         f"held); give each process its own db_path") from None
+    # ours and not locked: left over by an earlier process, so scratch
+    for name in names - {LOCK, MARKER}:
+        p = os.path.join(path, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+    with open(os.path.join(path, MARKER), "w") as f:
+        f.write("statecore LMDB working directory (scratch; wiped on reopen)\n")
+    return fd
+
+
+class LMDBKeyedStateBackend(KeyedStateBackend):
+    """Keyed state in a shared C write buffer + one LMDB environment."""
+
+    def __init__(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None, job_id="job",
+                 operator_id="operator", *, db_path=None, write_buffer_size=64 * MIB, max_write_buffer_number=2,
+                 memory_budget=None, cache_entries=0, sync=False, map_size=256 * MIB, max_readers=1024):
+        super().__init__(max_parallelism=max_parallelism, key_group_range=key_group_range,
+                         key_serializer=key_serializer, clock=clock, job_id=job_id, operator_id=operator_id)
+        if memory_budget is not None:
+            write_buffer_size = max(4096, min(write_buffer_size, int(memory_budget) // (max_write_buffer_number + 1)))
+        self._temp = db_path is None
+        if self._temp:
+            self._root = tempfile.mkdtemp(prefix="statecore-lmdb-")
+            self._dir = self._root
+        else:
+            self._root = os.fspath(db_path)
+            kgr = self.key_group_range
+            base = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{job_id}-{operator_id}-kg{kgr.start}-{kgr.end}")
+            self._dir = os.path.join(self._root, base)
+            i = 1
+            while os.path.abspath(self._dir) in _HELD:
+                self._dir = os.path.join(self._root, f"{base}.{i}")
+                i += 1
+        self._lock_fd = _acquire(self._dir)
+        key = os.path.abspath(self._dir)
+        _HELD.add(key)
+        _LOCK_FDS[key] = self._lock_fd
+        try:
+            self._store = LMDBStore(os.path.join(self._dir, "env"), write_buffer_size=write_buffer_size, sync=sync,
+                                    map_size=map_size, max_readers=max_readers)
+        except BaseException:
+            self._release_dir()
+            raise
+        self._pid = os.getpid()
+        self.memory_budget = memory_budget
+        self.write_buffer_size = write_buffer_size
+        self.max_write_buffer_number = max_write_buffer_number
+        self.cache_entries = cache_entries
+
+    @property
+    def db_dir(self):
+        """This keyed backend's working directory."""
+        return self._dir
+
+    def _new_table(self, nested):
+        return LMDBStateTable(self._store, nested)
+
+    def flush(self):
+        """Flush the write buffer to LMDB now."""
+        self._store.flush()
+
+    def metrics(self):
+        m = super().metrics()
+        sm = self._store.metrics()
+        m.update(sm)
+        m["bytes_in_memory"] = self._bytes_in_memory() + sm["bytes_in_memory"]
+        return m
+
+    def _release_dir(self):
+        key = os.path.abspath(self._dir)
+        fd = _LOCK_FDS.pop(key, None)
+        _HELD.discard(key)
+        if fd is not None and os.getpid() == self._pid:
+            if self._temp:
+                shutil.rmtree(self._root, ignore_errors=True)
+            os.close(fd)
+
+    def close(self):
+        if self.closed:
+            return
+        super().close()
+        self._store.close()
+        if os.getpid() == self._pid:
+            self._release_dir()
+
+
+class LMDBStateBackend(StateBackend):
+    """Working state in a C write buffer + LMDB on local disk (Flink's EmbeddedRocksDBStateBackend).
+
+    ``db_path`` is the root of the working directories (a temporary directory
+    per keyed backend when None, removed on close).  ``write_buffer_size`` bytes
+    of buffered writes trigger a flush to LMDB.  ``memory_budget`` (bytes) caps
+    the write buffer.  ``sync=False``: the working DB is scratch, checkpoints are
+    the durable copy.
+    """
+
+    def __init__(self, db_path=None, *, write_buffer_size=64 * MIB, max_write_buffer_number=2, memory_budget=None,
+                 cache_entries=0, sync=False, incremental=False, checkpoint_storage=None, map_size=256 * MIB,
+                 max_readers=1024):
+        super().__init__(checkpoint_storage=checkpoint_storage)
+        if write_buffer_size <= 0:
+            raise ValueError(f"write_buffer_size must be positive, got {write_buffer_size}")
+        if max_write_buffer_number < 1:
+            raise ValueError(f"max_write_buffer_number must be >= 1, got {max_write_buffer_number}")
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget must be positive, got {memory_budget}")
+        if map_size < 4096:
+            raise ValueError(f"map_size must be at least 4096 bytes, got {map_size}")
+        self.db_path = None if db_path is None else os.fspath(db_path)
+        self.write_buffer_size = int(write_buffer_size)
+        self.max_write_buffer_number = int(max_write_buffer_number)
+        self.memory_budget = memory_budget
+        self.cache_entries = cache_entries
+        self.sync = bool(sync)
+        self.incremental = bool(incremental)
+        self.map_size = int(map_size)
+        self.max_readers = int(max_readers)
+
+    def set_db_storage_path(self, path):
+        """Where working directories are created (Flink's ``setDbStoragePath``); None: a temp dir."""
+        self.db_path = None if path is None else os.fspath(path)
+
+    def create_keyed_state_backend(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
+                                   job_id="job", operator_id="operator"):
+        """A new, empty keyed backend owning ``key_group_range`` (default: all key groups)."""
+        return LMDBKeyedStateBackend(max_parallelism=max_parallelism, key_group_range=key_group_range,
+                                     key_serializer=key_serializer, clock=clock, job_id=job_id,
+                                     operator_id=operator_id, db_path=self.db_path,
+                                     write_buffer_size=self.write_buffer_size,
+                                     max_write_buffer_number=self.max_write_buffer_number,
+                                     memory_budget=self.memory_budget, cache_entries=self.cache_entries,
+                                     sync=self.sync, map_size=self.map_size, max_readers=self.max_readers)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(db_path={self.db_path!r}, write_buffer_size={self.write_buffer_size}, "
+                f"checkpoint_storage={self.checkpoint_storage!r})")
+
+
+class RocksDBStateBackend(LMDBStateBackend):
+    """Flink 1.x name: the LMDB tier + ``FileSystemCheckpointStorage(checkpoint_uri)``."""
+
+    def __init__(self, checkpoint_uri, **lmdb_options):
+        if "checkpoint_storage" in lmdb_options:
+            raise TypeError("RocksDBStateBackend takes checkpoint_uri, not checkpoint_storage")
+        db_path = lmdb_options.pop("db_path", None)
+        super().__init__(db_path, checkpoint_storage=FileSystemCheckpointStorage(checkpoint_uri), **lmdb_options)
+        self.checkpoint_uri = checkpoint_uri

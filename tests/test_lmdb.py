@@ -1,0 +1,382 @@
+"""Tier-specific tests of the LMDB spill tier (issue 4): flush boundaries, merge of the write
+buffer with LMDB, TTL across tiers, long keys, map growth, fork guard, directory lock."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import statecore
+from statecore import (BackendClosedError, ListStateDescriptor, ManualClock, MapStateDescriptor, StateError,
+                       StateTtlConfig, Time, ValueStateDescriptor)
+from statecore.serializers import Int64, Str
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def clock():
+    return ManualClock(0)
+
+
+def make(tmp_path, clock=None, **opts):
+    opts.setdefault("write_buffer_size", 4096)
+    return statecore.LMDBStateBackend(db_path=str(tmp_path / "db"), **opts).create_keyed_state_backend(
+        max_parallelism=128, clock=clock)
+
+
+def with_ttl(desc, cfg):
+    desc.enable_time_to_live(cfg)
+    return desc
+
+
+def ttl(ms, cleanup=None):
+    b = StateTtlConfig.new_builder(Time.milliseconds(ms))
+    if cleanup:
+        b = b.cleanup_incrementally(*cleanup)
+    return b.build()
+
+
+def test_every_write_crosses_flushes(tmp_path):
+    kb = make(tmp_path, write_buffer_size=1)  # every operation flushes
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Int64()))
+        for i in range(300):
+            kb.set_current_key(i)
+            v.update(i * 2)
+        assert kb.metrics()["flushes"] >= 299
+        for i in range(300):
+            kb.set_current_key(i)
+            assert v.value() == i * 2
+        for i in range(0, 300, 3):
+            kb.set_current_key(i)
+            v.clear()
+        assert kb.num_state_entries() == 200
+        assert sorted(kb.get_keys("v")) == [i for i in range(300) if i % 3]
+    finally:
+        kb.close()
+
+
+def test_values_survive_flush_and_overwrite(tmp_path):
+    kb = make(tmp_path)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Str()))
+        for i in range(2000):
+            kb.set_current_key(i)
+            v.update(f"a{i}")
+        kb.flush()
+        assert kb.metrics()["buffer_entries"] == 0
+        for i in range(0, 2000, 2):
+            kb.set_current_key(i)
+            v.update(f"b{i}")  # newer version in the buffer over an LMDB version
+        for i in range(2000):
+            kb.set_current_key(i)
+            assert v.value() == (f"b{i}" if i % 2 == 0 else f"a{i}")
+        assert kb.num_state_entries() == 2000
+        m = kb.metrics()
+        assert m["flushes"] > 10 and m["bytes_on_disk"] > 0 and m["entries"] == 2000
+    finally:
+        kb.close()
+
+
+def test_map_iteration_order_and_tombstones_across_tiers(tmp_path):
+    kb = make(tmp_path, write_buffer_size=1 << 20)
+    try:
+        m = kb.get_state(MapStateDescriptor("m", Int64(), Str()))
+        kb.set_current_key("k")
+        for i in range(50):
+            m.put(i, f"old{i}")
+        kb.flush()  # 0..49 in LMDB
+        for i in range(0, 50, 5):
+            m.remove(i)  # tombstones in the buffer
+        for i in range(1, 50, 5):
+            m.put(i, f"new{i}")  # newer versions in the buffer
+        for i in range(50, 60):
+            m.put(i, f"buf{i}")  # only in the buffer
+        expected = {i: f"old{i}" for i in range(50) if i % 5}
+        expected.update({i: f"new{i}" for i in range(1, 50, 5)})
+        expected.update({i: f"buf{i}" for i in range(50, 60)})
+        items = m.items()
+        assert dict(items) == expected
+        assert len(items) == len(expected)
+        # serialized-key order (Int64 keys of one sign serialize in numeric order)
+        assert [k for k, _ in items] == sorted(expected)
+        assert kb.num_state_entries() == len(expected)
+        kb.flush()
+        assert dict(m.items()) == expected
+        m.clear()
+        assert m.items() == [] and m.is_empty() and kb.num_state_entries() == 0
+        kb.flush()
+        assert m.items() == []
+    finally:
+        kb.close()
+
+
+def test_map_clear_mixes_tiers_and_keeps_other_keys(tmp_path):
+    kb = make(tmp_path)
+    try:
+        m = kb.get_state(MapStateDescriptor("m", Str(), Int64()))
+        for key in ("a", "b"):
+            kb.set_current_key(key)
+            for i in range(100):
+                m.put(str(i), i)
+        kb.set_current_key("a")
+        m.clear()
+        assert m.items() == []
+        kb.set_current_key("b")
+        assert len(m.items()) == 100
+        assert list(kb.get_keys("m")) == ["b"]
+    finally:
+        kb.close()
+
+
+def test_list_append_across_flushes(tmp_path):
+    kb = make(tmp_path, write_buffer_size=512)
+    try:
+        lst = kb.get_state(ListStateDescriptor("l", Int64()))
+        for i in range(200):
+            for key in range(5):
+                kb.set_current_key(key)
+                lst.add(i)
+        for key in range(5):
+            kb.set_current_key(key)
+            assert lst.get() == list(range(200))
+        assert kb.num_state_entries() == 5
+        assert kb.metrics()["flushes"] > 5
+    finally:
+        kb.close()
+
+
+def test_ttl_across_tiers(tmp_path, clock):
+    kb = make(tmp_path, clock=clock)
+    try:
+        v = kb.get_state(with_ttl(ValueStateDescriptor("v", Int64()), ttl(100)))
+        m = kb.get_state(with_ttl(MapStateDescriptor("m", Int64(), Int64()), ttl(100)))
+        for i in range(300):
+            kb.set_current_key(i)
+            v.update(i)
+            m.put(1, i)
+        kb.flush()
+        clock.set(50)
+        for i in range(300, 310):  # unexpired entries in the buffer
+            kb.set_current_key(i)
+            v.update(i)
+            m.put(1, i)
+        clock.set(100)
+        for i in range(300):
+            kb.set_current_key(i)
+            assert v.value() is None and m.get(1) is None and m.items() == []
+        for i in range(300, 310):
+            kb.set_current_key(i)
+            assert v.value() == i and m.get(1) == i
+        assert kb.num_state_entries() == 20
+    finally:
+        kb.close()
+
+
+@pytest.mark.parametrize("kind", ["value", "list", "map"])
+def test_incremental_cleanup_reaches_both_tiers(tmp_path, clock, kind):
+    kb = make(tmp_path, clock=clock)
+    try:
+        cfg = ttl(100, cleanup=(10, False))
+        if kind == "value":
+            s = kb.get_state(with_ttl(ValueStateDescriptor("s", Int64()), cfg))
+            write, read = s.update, s.value
+        elif kind == "list":
+            s = kb.get_state(with_ttl(ListStateDescriptor("s", Int64()), cfg))
+            write, read = s.add, s.get
+        else:
+            s = kb.get_state(with_ttl(MapStateDescriptor("s", Int64(), Int64()), cfg))
+            write, read = (lambda i: s.put(i, i)), (lambda: s.get(-1))
+        for i in range(410):  # most spill to LMDB, the last ones stay in the buffer
+            kb.set_current_key(i)
+            write(i)
+        assert kb.metrics()["flushes"] > 0 and kb.metrics()["buffer_entries"] > 0
+        clock.set(100)
+        kb.set_current_key("fresh")
+        write(-1)
+        for _ in range(400):
+            read()
+            if kb.num_state_entries() == 1:
+                break
+        assert kb.num_state_entries() == 1
+        assert kb.metrics()["ttl_expired"] >= 410
+        assert read() not in (None, [])
+    finally:
+        kb.close()
+
+
+def test_long_keys_and_long_map_user_keys(tmp_path):
+    kb = make(tmp_path)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Str()))
+        m = kb.get_state(MapStateDescriptor("m", Str(), Int64()))
+        keys = ["k" * 1024 + str(i) for i in range(40)]  # 1 KiB keys sharing a long common prefix
+        for i, k in enumerate(keys):
+            kb.set_current_key(k)
+            v.update(str(i))
+            for j in range(5):
+                m.put("u" * 1024 + str(j), j)
+                m.put(str(j), j)
+        kb.flush()
+        for i, k in enumerate(keys):
+            kb.set_current_key(k)
+            assert v.value() == str(i)
+            assert m.get("u" * 1024 + "3") == 3 and m.get("3") == 3
+            assert m.get("u" * 1024 + "9") is None
+            items = m.items()
+            assert len(items) == 10
+            assert [uk for uk, _ in items] == sorted(uk for uk, _ in items)  # Str keys: utf-8 byte order
+        assert sorted(kb.get_keys("v")) == sorted(keys)
+        assert sorted(kb.get_keys("m")) == sorted(keys)
+        kb.set_current_key(keys[0])
+        m.remove("u" * 1024 + "0")
+        v.clear()
+        kb.flush()
+        assert v.value() is None and len(m.items()) == 9
+        assert kb.num_state_entries() == 39 + 40 * 10 - 1
+    finally:
+        kb.close()
+
+
+def test_map_auto_growth_from_tiny_map(tmp_path):
+    kb = make(tmp_path, write_buffer_size=256 << 10, map_size=64 << 10)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Str()))
+        payload = "x" * 200
+        for i in range(20000):
+            kb.set_current_key(i)
+            v.update(payload + str(i))
+        kb.flush()
+        m = kb.metrics()
+        assert m["map_resizes"] >= 5 and m["map_size"] >= 4 << 20
+        for i in range(0, 20000, 97):
+            kb.set_current_key(i)
+            assert v.value() == payload + str(i)
+        assert kb.num_state_entries() == 20000
+    finally:
+        kb.close()
+
+
+def test_temp_dir_removed_on_close():
+    kb = statecore.LMDBStateBackend(write_buffer_size=4096).create_keyed_state_backend()
+    d = kb.db_dir
+    assert os.path.isdir(d)
+    kb.set_current_key(1)
+    kb.get_state(ValueStateDescriptor("v")).update(1)
+    kb.close()
+    assert not os.path.exists(d)
+    with pytest.raises(BackendClosedError):
+        kb.get_state(ValueStateDescriptor("v"))
+
+
+def test_two_keyed_backends_in_one_process_get_separate_dirs(tmp_path):
+    backend = statecore.LMDBStateBackend(db_path=str(tmp_path / "db"))
+    a = backend.create_keyed_state_backend()
+    b = backend.create_keyed_state_backend()
+    try:
+        assert a.db_dir != b.db_dir
+        a.set_current_key(1)
+        a.get_state(ValueStateDescriptor("v")).update("a")
+        b.set_current_key(1)
+        assert b.get_state(ValueStateDescriptor("v")).value() is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_stale_directory_is_wiped_foreign_directory_is_refused(tmp_path):
+    backend = statecore.LMDBStateBackend(db_path=str(tmp_path / "db"))
+    kb = backend.create_keyed_state_backend()
+    kb.set_current_key(1)
+    kb.get_state(ValueStateDescriptor("v")).update("old")
+    kb.flush()
+    kb.close()
+    kb = backend.create_keyed_state_backend()  # same directory: scratch, wiped
+    try:
+        kb.set_current_key(1)
+        assert kb.get_state(ValueStateDescriptor("v")).value() is None
+    finally:
+        kb.close()
+    foreign = tmp_path / "foreign"
+    (foreign / "job-operator-kg0-127").mkdir(parents=True)
+    (foreign / "job-operator-kg0-127" / "precious.txt").write_text("keep me")
+    with pytest.raises(StateError, match="not created by statecore"):
+        statecore.LMDBStateBackend(db_path=str(foreign)).create_keyed_state_backend()
+    assert (foreign / "job-operator-kg0-127" / "precious.txt").read_text() == "keep me"
+
+
+def test_second_process_gets_clear_error(tmp_path):
+    kb = make(tmp_path)
+    try:
+        kb.set_current_key(1)
+        kb.get_state(ValueStateDescriptor("v")).update(1)
+        code = textwrap.dedent(f"""
+            import statecore
+            try:
+                statecore.LMDBStateBackend(db_path={str(tmp_path / 'db')!r}).create_keyed_state_backend(
+                    max_parallelism=128)
+            except statecore.StateError as e:
+                print("StateError:", e)
+            else:
+                print("opened")
+        """)
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert "StateError:" in out.stdout and "in use by another process" in out.stdout, out.stdout + out.stderr
+        kb.set_current_key(1)
+        assert kb.get_state(ValueStateDescriptor("v")).value() == 1  # the owner is unaffected
+    finally:
+        kb.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_guard(tmp_path):
+    kb = make(tmp_path)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Int64()))
+        kb.set_current_key(1)
+        v.update(7)
+        kb.flush()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                os.close(r)
+                try:
+                    v.value()
+                    msg = b"no error"
+                except StateError as e:
+                    msg = b"ok" if "fork" in str(e) else str(e).encode()
+                kb.close()  # must not touch the parent's environment
+                os.write(w, msg)
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read()
+        os.waitpid(pid, 0)
+        assert msg == b"ok"
+        assert v.value() == 7  # the parent is unaffected
+        v.update(8)
+        kb.flush()
+        assert v.value() == 8
+    finally:
+        kb.close()
+
+
+def test_rocksdb_legacy_name(tmp_path):
+    b = statecore.RocksDBStateBackend(str(tmp_path / "chk"), write_buffer_size=4096)
+    assert isinstance(b.checkpoint_storage, statecore.FileSystemCheckpointStorage)
+    b.set_db_storage_path(str(tmp_path / "work"))
+    kb = b.create_keyed_state_backend()
+    try:
+        assert kb.db_dir.startswith(str(tmp_path / "work"))
+        kb.set_current_key("a")
+        s = kb.get_state(ValueStateDescriptor("v"))
+        s.update(1)
+        assert s.value() == 1
+    finally:
+        kb.close()

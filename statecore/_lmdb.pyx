@@ -15,7 +15,12 @@ Design (RocksDB's memtable in front of sorted storage):
   flag byte (1 put, 0 tombstone) followed by the value bytes, its ``ts`` the
   TTL timestamp.
 * When the buffer's bytes exceed ``write_buffer_size`` it is flushed to LMDB
-  in one write transaction, sorted by key, tombstones as deletes.  The flush
+  sorted by key, tombstones as deletes, in write transactions of at most
+  ``txn_entries`` entries: without MDB_WRITEMAP LMDB keeps every dirty page of
+  a transaction in malloc'd memory, and with random keys each entry can dirty
+  its own leaf page, so one transaction per 64 MiB buffer could hold hundreds
+  of MiB of anonymous memory.  (The working DB is scratch, so a flush need not
+  be atomic; the buffer is emptied only once every chunk has committed.)  The flush
   runs synchronously on the caller's path (no background thread yet).  A
   ``MapFullError`` aborts the transaction, doubles the map with no
   transaction open and retries, so users never see it.
@@ -192,8 +197,10 @@ cdef class LMDBStore:
     cdef sc_buf scratch
     cdef readonly object env
     cdef object rtxn
+    cdef object rget            # rtxn.get, bound once per read transaction
     cdef readonly str path
     cdef readonly size_t write_buffer_size
+    cdef readonly size_t txn_entries  # buffer entries per LMDB write transaction of a flush
     cdef long pid
     cdef bint is_forked
     cdef readonly bint closed
@@ -213,8 +220,10 @@ cdef class LMDBStore:
             raise MemoryError()
 
     def __init__(self, str path, size_t write_buffer_size=64 << 20, bint sync=False, size_t map_size=256 << 20,
-                 int max_readers=1024):
+                 int max_readers=1024, size_t dirty_budget=32 << 20):
         self.path = path
+        # a random-key entry may dirty a leaf and a branch page (2 x 4 KiB), held in malloc'd memory until commit
+        self.txn_entries = max(256, dirty_budget // 8192)
         self.write_buffer_size = max(write_buffer_size, 1)
         self.mindex = {}
         self.pid = getpid()
@@ -269,6 +278,7 @@ cdef class LMDBStore:
         return self.rtxn
 
     cdef inline void end_read(self):
+        self.rget = None
         if self.rtxn is not None:
             self.rtxn.abort()
             self.rtxn = None
@@ -279,7 +289,9 @@ cdef class LMDBStore:
         cdef const uint8_t *fk
         cdef const uint8_t *v
         cdef size_t fkl, vl
-        raw = self.txn().get(lmdb_key(k, kl))
+        if self.rget is None:
+            self.rget = self.txn().get
+        raw = self.rget(as_bytes(k, kl) if kl <= MAX_DIRECT_KEY else lmdb_key(k, kl))
         if raw is None:
             return None
         if kl > MAX_DIRECT_KEY:
@@ -342,7 +354,7 @@ cdef class LMDBStore:
         self.do_flush()
 
     cdef int do_flush(self) except -1:
-        cdef size_t n = self.buf.count, i = 0, pos = 0
+        cdef size_t n = self.buf.count, i = 0, pos = 0, start, end
         cdef sc_entry *e
         cdef sc_entry **arr
         cdef uint8_t *k
@@ -361,19 +373,23 @@ cdef class LMDBStore:
                 i += 1
             qsort(arr, n, sizeof(sc_entry *), cmp_entry)
             self.end_read()
-            while True:
+            start = 0
+            while start < n:  # chunks of txn_entries: bounds LMDB's malloc'd dirty pages (no writemap)
+                end = min(n, start + self.txn_entries)
                 txn = self.env.begin(write=True)
                 try:
-                    for i in range(n):
+                    tput = txn.put
+                    tdel = txn.delete
+                    for i in range(start, end):
                         e = arr[i]
                         k = sc_entry_key(e)
                         lk = lmdb_key(k, e.klen)
                         if sc_entry_value(e)[0] == FLAG_PUT:
-                            txn.put(lk, encode_record(k, e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts))
+                            tput(lk, encode_record(k, e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts))
                         else:
-                            txn.delete(lk)
+                            tdel(lk)
                     txn.commit()
-                    break
+                    start = end
                 except lmdb.MapFullError:
                     txn.abort()
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)  # no transaction is open here

@@ -380,3 +380,56 @@ def test_rocksdb_legacy_name(tmp_path):
         assert s.value() == 1
     finally:
         kb.close()
+
+
+def _rss_anon():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (Linux)")
+def test_state_10x_memory_budget_stays_within_budget(tmp_path):
+    """>= 200 MiB of state under a 20 MiB budget; peak RssAnon growth (a 20 ms sampler thread over
+    /proc/self/status RssAnon: LMDB's mmap pages are file-backed and not counted) <= 1.5x budget."""
+    import random
+    import threading
+    import time
+
+    budget = 20 << 20
+    kb = statecore.LMDBStateBackend(db_path=str(tmp_path / "db"), memory_budget=budget).create_keyed_state_backend()
+    v = kb.get_state(ValueStateDescriptor("v", Str()))
+    n, payload = 1_400_000, "p" * 150  # ~1.4M x (150 B value + key) > 200 MiB of state
+    order = list(range(n))
+    random.Random(7).shuffle(order)  # random key order: the worst case for LMDB dirty pages
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_anon())
+            time.sleep(0.02)
+
+    base = _rss_anon()
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        for i in order:
+            kb.set_current_key(i)
+            v.update(payload + str(i))
+        for i in range(0, n, 7):
+            kb.set_current_key(i)
+            assert v.value() == payload + str(i)
+        assert kb.num_state_entries() == n
+        m = kb.metrics()
+        assert m["bytes_on_disk"] >= 200 << 20
+    finally:
+        stop.set()
+        t.join()
+        kb.close()
+    growth = peak[0] - base
+    print(f"peak RssAnon growth {growth / 2**20:.1f} MiB (budget {budget / 2**20:.0f} MiB)")
+    assert growth <= 1.5 * budget, f"peak RssAnon growth {growth / 2**20:.1f} MiB > 1.5 x {budget / 2**20:.0f} MiB"

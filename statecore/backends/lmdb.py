@@ -81,8 +81,11 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
                  memory_budget=None, cache_entries=0, sync=False, map_size=256 * MIB, max_readers=1024):
         super().__init__(max_parallelism=max_parallelism, key_group_range=key_group_range,
                          key_serializer=key_serializer, clock=clock, job_id=job_id, operator_id=operator_id)
+        dirty_budget = 32 * MIB
         if memory_budget is not None:
-            write_buffer_size = max(4096, min(write_buffer_size, int(memory_budget) // (max_write_buffer_number + 1)))
+            # budget split: write buffer (+ its slot array) ~1/3, LMDB dirty pages of a flush chunk 1/4, rest slack
+            write_buffer_size = max(4096, min(write_buffer_size, int(memory_budget) // 3))
+            dirty_budget = max(MIB, int(memory_budget) // 4)
         self._temp = db_path is None
         if self._temp:
             self._root = tempfile.mkdtemp(prefix="statecore-lmdb-")
@@ -102,7 +105,7 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
         _LOCK_FDS[key] = self._lock_fd
         try:
             self._store = LMDBStore(os.path.join(self._dir, "env"), write_buffer_size=write_buffer_size, sync=sync,
-                                    map_size=map_size, max_readers=max_readers)
+                                    map_size=map_size, max_readers=max_readers, dirty_budget=dirty_budget)
         except BaseException:
             self._release_dir()
             raise

@@ -243,7 +243,7 @@ cdef class LMDBStore:
             _LEAKED.append((self.env, self.rtxn))
 
     cdef inline int guard(self) except -1:
-        if self.is_forked or getpid() != self.pid:
+        if self.is_forked:  # set by the at-fork hook (no getpid() syscall per operation)
             raise StateError(
                 f"this LMDB state backend was opened in process {self.pid} and is used after fork() in "
                 f"process {getpid()}: LMDB environments must not cross fork. Create the backend in the child "

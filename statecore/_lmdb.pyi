@@ -1,0 +1,25 @@
+"""Stubs of the LMDB tier's storage (statecore/_lmdb.pyx)."""
+from typing import Any
+
+from statecore._states import StateTable
+
+class LMDBStore:
+    env: Any
+    path: str
+    write_buffer_size: int
+    txn_entries: int
+    closed: bool
+    flushes: int
+    stalls: int
+    cache_hits: int
+    cache_misses: int
+    map_resizes: int
+    epoch: int
+    def __init__(self, path: str, write_buffer_size: int = ..., sync: bool = ..., map_size: int = ...,
+                 max_readers: int = ..., dirty_budget: int = ...) -> None: ...
+    def flush(self) -> None: ...
+    def close(self, remove_dir: bool = ...) -> None: ...
+    def metrics(self) -> dict[str, int]: ...
+
+class LMDBStateTable(StateTable):
+    def __init__(self, store: LMDBStore, nested: bool) -> None: ...

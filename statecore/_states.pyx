@@ -860,7 +860,10 @@ cdef class ValueState(State):
         kind = self.fast_kind(keys)
         if kind:
             return self.value_batch_fast(np.ascontiguousarray(keys, dtype=np.int64), kind, fill)
-        return self.value_batch_generic(keys, fill)
+        out = self.value_batch_generic(keys, fill)
+        if isinstance(keys, np.ndarray) and self.vser.kind in (KIND_FLOAT64, KIND_INT64):
+            return typed_result(out, self.vser.kind, fill, "value_batch")
+        return out
 
     cdef list value_batch_generic(self, keys, fill):
         cdef list prefixes = []
@@ -1346,13 +1349,19 @@ cdef class MapState(State):
                 v = fill
             out.append(v)
         if isinstance(user_keys, np.ndarray) and self.vser.kind in (KIND_FLOAT64, KIND_INT64):
-            if self.vser.kind == KIND_FLOAT64:
-                return np.array([np.nan if v is None else v for v in out], dtype=np.float64)
-            if missing and fill is None:
-                raise StateError(f"get_batch: {missing} key(s) have no value and an int64 array cannot hold None; "
-                                 "pass fill=<int>")
-            return np.array(out, dtype=np.int64)
+            return typed_result(out, self.vser.kind, fill, "get_batch")
         return out
+
+
+cdef object typed_result(list out, int kind, fill, str what):
+    """A batch read's list as the serializer's ndarray (float64: NaN for missing; int64: needs fill)."""
+    if kind == KIND_FLOAT64:
+        return np.array([np.nan if v is None else v for v in out], dtype=np.float64)
+    missing = sum(v is None for v in out)
+    if missing:
+        raise StateError(f"{what}: {missing} key(s) have no value and an int64 array cannot hold None; "
+                         "pass fill=<int> (or give the descriptor a default)")
+    return np.array(out, dtype=np.int64)
 
 
 cdef object _py_items(seq):

@@ -208,7 +208,7 @@ class ModelState:
         if self.is_expired(cell, now):
             return self.ttl.return_expired, False
         if self.ttl.update_on_read:
-            pass
+            cell.ts = now
         return True, True
 
     def _read_single(self, slot):

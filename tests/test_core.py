@@ -22,7 +22,11 @@ def test_murmur3_reference_vectors():
 
 def test_key_group_stable_across_hash_seeds(tmp_path):
     code = "from statecore import _core; print([_core.key_group_for_bytes(bytes([i]) * i, 128) for i in range(50)])"
-    outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": s, "PATH": ""},
+    import os
+
+    import statecore
+    root = os.path.dirname(os.path.dirname(os.path.abspath(statecore.__file__)))  # installed or in-place
+    outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": s, "PATH": "", "PYTHONPATH": root},
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout for s in ("0", "1", "random")}
     assert len(outs) == 1
 

@@ -558,7 +558,7 @@ def test_metrics(kb):
     assert m["bytes_in_memory"] + m["bytes_on_disk"] > 0
 
 
-def test_many_keys_survive_spilling(kb):
+def test_many_keys_survive_spilling(kb, backend_name):
     s = kb.get_state(ValueStateDescriptor("v"))
     lst = kb.get_state(ListStateDescriptor("l"))
     for i in range(2000):
@@ -576,6 +576,9 @@ def test_many_keys_survive_spilling(kb):
         s.clear()
     assert kb.num_state_entries() == 1000 + 2000
     assert sorted(kb.get_keys("v")) == list(range(1, 2000, 2))
+    if backend_name == "lmdb":  # a 4 KiB write buffer cannot hold this: the spill tier was used
+        assert kb.metrics()["flushes"] > 0
+        assert kb.metrics()["bytes_on_disk"] > 0
 
 
 # -- key typing -------------------------------------------------------------------------------
@@ -826,3 +829,28 @@ def test_batch_length_mismatch_refused(kb):
     with pytest.raises((ValueError, StateError)):
         s.update_batch(np.array([1, 2], dtype=np.int64), np.array([1.0]))
     assert kb.num_state_entries() == 0
+
+
+@pytest.mark.parametrize("keys, values", [
+    ([5, {"a": 1}], [1.0, 2.0]),
+    ([6, float("nan")], [1.0, 2.0]),
+    ([7, 8], [1.0, "not a float"]),
+], ids=["dict_key", "nan_key", "bad_value"])
+def test_batch_with_unserializable_item_changes_nothing(kb, keys, values):
+    s = kb.get_state(ValueStateDescriptor("f", Float64()))
+    with pytest.raises(SerializationError):
+        s.update_batch(keys, values)
+    assert kb.num_state_entries() == 0
+    assert s.value_batch([5, 6, 7, 8]) == [None] * 4
+
+
+def test_map_bulk_writes_with_unserializable_item_change_nothing(kb):
+    m = kb.get_state(MapStateDescriptor("m"))
+    kb.set_current_key("k")
+    m.put("keep", 0)
+    with pytest.raises(SerializationError):
+        m.put_all({"a": 1, "b": Opaque(2)})
+    with pytest.raises(SerializationError):
+        m.put_batch(["c", "d"], [3, Opaque(4)])
+    assert m.items() == [("keep", 0)]
+    assert kb.num_state_entries() == 1

@@ -13,7 +13,7 @@ from statecore import (BackendClosedError, ListStateDescriptor, ManualClock, Map
                        StateTtlConfig, Time, ValueStateDescriptor)
 from statecore.serializers import Int64, Str
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(statecore.__file__)))  # installed or in-place package
 
 
 @pytest.fixture

@@ -324,7 +324,8 @@ def test_second_process_gets_clear_error(tmp_path):
                 print("opened")
         """)
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                             cwd=ROOT)  # not the source tree: it has no compiled modules when installed
         assert "StateError:" in out.stdout and "in use by another process" in out.stdout, out.stdout + out.stderr
         kb.set_current_key(1)
         assert kb.get_state(ValueStateDescriptor("v")).value() == 1  # the owner is unaffected

@@ -193,6 +193,7 @@ def _fmt_rate(v):
 
 
 def render_table(rows, console, keys):
+    from rich.markup import escape
     from rich.table import Table
     t = Table(title=f"statecore bench (--keys {keys:,}; best of the timed passes)", title_justify="left")
     t.add_column("workload")
@@ -216,7 +217,7 @@ def render_table(rows, console, keys):
                       f"{r['peak_rss_mib']:.1f}", f"{r['n']:,}", "")
         else:
             style = "dim" if r["status"] == "skipped" else "red"
-            note = f"[{style}]{r['status']}: {r['note']}[/{style}]"
+            note = f"[{style}]{r['status']}: {escape(r['note'])}[/{style}]"
             t.add_row(wname, r["backend"], "-", "-", "-", "-", f"{r['n']:,}", note)
     console.print(t)
 

@@ -8,6 +8,7 @@ from statecore._states import (AggregatingState, KeyedStateBackend, ListState, M
 from statecore.backends import (FsStateBackend, HashMapStateBackend, HeapKeyedStateBackend, LMDBKeyedStateBackend,
                                 LMDBStateBackend, MemoryStateBackend, RocksDBStateBackend, StateBackend)
 from statecore.checkpoint import CheckpointStorage, FileSystemCheckpointStorage, JobManagerCheckpointStorage
+from statecore.checkpoint.snapshot import CompletedCheckpoint, load_checkpoint
 from statecore.descriptors import (AggregatingStateDescriptor, ListStateDescriptor, MapStateDescriptor,
                                    ReducingStateDescriptor, StateDescriptor, ValueStateDescriptor)
 from statecore.errors import (BackendClosedError, CheckpointError, CheckpointSizeExceededError,
@@ -24,6 +25,7 @@ __all__ = [
     "HashMapStateBackend", "MemoryStateBackend", "FsStateBackend", "LMDBStateBackend", "RocksDBStateBackend",
     "LMDBKeyedStateBackend", "StateBackend", "KeyedStateBackend",
     "HeapKeyedStateBackend", "CheckpointStorage", "JobManagerCheckpointStorage", "FileSystemCheckpointStorage",
+    "CompletedCheckpoint", "load_checkpoint",
     "StateDescriptor", "ValueStateDescriptor", "ListStateDescriptor", "MapStateDescriptor",
     "ReducingStateDescriptor", "AggregatingStateDescriptor",
     "State", "ValueState", "ListState", "MapState", "ReducingState", "AggregatingState",

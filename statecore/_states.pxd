@@ -15,10 +15,32 @@ _states.pyx; the LMDB tier provides its own.  Contract of every method:
   the serialized keys with an entry in a namespace.
 * ``cleanup`` visits up to n entries and drops expired ones (returns the count);
   ``layout`` is 0 value, 1 list blob, 2 map.
+* ``snapshot`` passes every stored entry to ``sink.add`` (map entries as
+  prefix + user key, lists as their record blob) and returns the number of
+  entries passed; it must not change the table.  ``consistent_copy`` returns a
+  table (or any object whose ``snapshot`` works later, from another thread)
+  holding this table's entries as of now, for asynchronous checkpoints.
+* ``restamp`` sets the timestamp of every entry (and list record) to ``ts``
+  (TTL switched on or off at restore, as Flink 2.2 migrates).
 """
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 
 from statecore._csrc cimport sc_buf
+
+
+cdef class SnapshotSink:
+    """Collects snapshot records in one buffer per key group (see _states.pyx)."""
+    cdef sc_buf *bufs
+    cdef long long *counts
+    cdef int kg_start
+    cdef int kg_end
+    cdef int64_t ttl
+    cdef int64_t now
+    cdef int layout
+    cdef long long dropped
+    cdef sc_buf scratch
+    cdef int add(self, const uint8_t *k, size_t kl, const uint8_t *uk, size_t ukl, const uint8_t *v, size_t vl,
+                 int64_t ts) noexcept nogil
 
 
 cdef class StateTable:
@@ -44,3 +66,6 @@ cdef class StateTable:
     cdef size_t nbytes(self)
     cdef long cleanup(self, size_t n, int64_t ttl, int64_t now, int layout, sc_buf *scratch) except -1
     cdef void release(self) noexcept
+    cdef long long snapshot(self, SnapshotSink sink) except -1
+    cdef object consistent_copy(self)
+    cdef int restamp(self, int64_t ts, int layout) except -1

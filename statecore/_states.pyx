@@ -23,23 +23,23 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.math cimport NAN
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 from statecore._codec cimport (KIND_AUTO, KIND_FLOAT64, KIND_INT64, TAG_INT64, Serializer, write_bytes)
 from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be16_put, sc_be64_get,
-                              sc_be64_put, sc_buf, sc_buf_free, sc_buf_reserve, sc_entry, sc_entry_inner,
+                              sc_be64_put, sc_buf, sc_buf_free, sc_buf_reserve, sc_buf_write, sc_entry, sc_entry_inner,
                               sc_entry_key, sc_entry_value, sc_kc_build_prefix, sc_kc_parse, sc_kc_parts, sc_key_group, sc_now_ms,
                               sc_status, sc_table, sc_table_append, sc_table_bytes_deep, sc_table_count_deep,
                               sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find, sc_table_free,
                               sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
-                              sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
+                              sc_table_put, sc_table_slot, sc_table_clone, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._status cimport check
 
 import numpy as np
 
-from statecore.errors import (BackendClosedError, KeyGroupOutOfRangeError, SerializationError, StateError,
-                              StateMigrationError)
+from statecore.errors import (BackendClosedError, CorruptCheckpointError, KeyGroupOutOfRangeError,
+                              SerializationError, StateError, StateMigrationError)
 from statecore.keygroups import KeyGroupRange, check_max_parallelism
 from statecore.serializers import Auto, resolve_serializer
 from statecore.ttl import ManualClock
@@ -104,6 +104,227 @@ cdef int next_record(const uint8_t **pp, const uint8_t *end, int64_t *ts, const 
     pp[0] = p + n
     return 1
 
+
+
+# ------------------------------------------------------------------ snapshots
+
+#: First bytes of every snapshot data file (format version 1).
+DATA_MAGIC = b"SCKDATA1"
+
+
+cdef inline int filter_list_blob(const uint8_t *p, const uint8_t *end, int64_t ttl, int64_t now, sc_buf *out,
+                                 long long *dropped) noexcept nogil:
+    """Copy the unexpired records of a list blob to out; -1 ENOMEM, -2 malformed."""
+    cdef uint64_t n = 0
+    cdef size_t used
+    cdef int64_t ts
+    cdef const uint8_t *rec
+    out.len = 0
+    while p < end:
+        if end - p < 9:
+            return -2
+        rec = p
+        ts = <int64_t>sc_be64_get(p)
+        used = sc_varint_get(p + 8, end, &n)
+        if used == 0 or n > <uint64_t>(end - p - 8 - used):
+            return -2
+        p += 8 + used + n
+        if sc_ttl_expired(ts, ttl, now):
+            dropped[0] += 1
+        elif sc_buf_write(out, rec, p - rec) != SC_OK:
+            return -1
+    return 0
+
+
+cdef class SnapshotSink:
+    """Snapshot records of one keyed backend, one buffer per owned key group.
+
+    A record is ``varint len(key) | key | varint len(value) | value | BE64 ts``
+    where key is the full composite key (``kg | state id | key | ns | user key``).
+    ``set_state(ttl, now, layout)`` selects the state being added; with ttl > 0
+    (``cleanup_full_snapshot``) expired entries and list records are left out.
+    ``add`` needs no GIL, so heap tables are serialized with the GIL released.
+    """
+
+    def __cinit__(self, int kg_start, int kg_end):
+        if kg_end < kg_start:
+            raise ValueError("empty key-group range")
+        self.kg_start = kg_start
+        self.kg_end = kg_end
+        self.bufs = <sc_buf *>calloc(kg_end - kg_start + 1, sizeof(sc_buf))
+        self.counts = <long long *>calloc(kg_end - kg_start + 1, sizeof(long long))
+        buf_init(&self.scratch)
+        if self.bufs is NULL or self.counts is NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        cdef int i
+        if self.bufs is not NULL:
+            for i in range(self.kg_end - self.kg_start + 1):
+                sc_buf_free(&self.bufs[i])
+        free(self.bufs)
+        free(self.counts)
+        sc_buf_free(&self.scratch)
+
+    def set_state(self, int64_t ttl, int64_t now, int layout):
+        self.ttl = ttl
+        self.now = now
+        self.layout = layout
+
+    @property
+    def dropped(self):
+        """Entries and list records left out as expired (cleanup_full_snapshot)."""
+        return self.dropped
+
+    @property
+    def records(self):
+        """Records added so far (all key groups)."""
+        cdef long long n = 0
+        cdef int i
+        for i in range(self.kg_end - self.kg_start + 1):
+            n += self.counts[i]
+        return n
+
+    cdef int add(self, const uint8_t *k, size_t kl, const uint8_t *uk, size_t ukl, const uint8_t *v, size_t vl,
+                 int64_t ts) noexcept nogil:
+        cdef int kg, rc
+        cdef sc_buf *b
+        if kl < SC_KC_HEAD:
+            return -2
+        kg = sc_be16_get(k)
+        if kg < self.kg_start or kg > self.kg_end:
+            return -2
+        if self.ttl:
+            if self.layout == LAYOUT_LIST:
+                rc = filter_list_blob(v, v + vl, self.ttl, self.now, &self.scratch, &self.dropped)
+                if rc:
+                    return rc
+                if self.scratch.len == 0:
+                    return 0
+                v = self.scratch.data
+                vl = self.scratch.len
+            elif sc_ttl_expired(ts, self.ttl, self.now):
+                self.dropped += 1
+                return 0
+        b = &self.bufs[kg - self.kg_start]
+        if sc_buf_reserve(b, 2 * SC_VARINT_MAX + kl + ukl + vl + 8) != SC_OK:
+            return -1
+        b.len += sc_varint_put(b.data + b.len, kl + ukl)
+        memcpy(b.data + b.len, k, kl)
+        b.len += kl
+        if ukl:
+            memcpy(b.data + b.len, uk, ukl)
+            b.len += ukl
+        b.len += sc_varint_put(b.data + b.len, vl)
+        if vl:
+            memcpy(b.data + b.len, v, vl)
+            b.len += vl
+        sc_be64_put(b.data + b.len, <uint64_t>ts)
+        b.len += 8
+        self.counts[kg - self.kg_start] += 1
+        return 0
+
+    def collect(self):
+        """(file bytes, [[key_group, offset, length, entries], ...] for non-empty key groups)."""
+        cdef int i
+        cdef Py_ssize_t total = len(DATA_MAGIC), off
+        for i in range(self.kg_end - self.kg_start + 1):
+            total += self.bufs[i].len
+        out = bytearray(total)
+        out[:len(DATA_MAGIC)] = DATA_MAGIC
+        cdef unsigned char[::1] view = out
+        off = len(DATA_MAGIC)
+        sections = []
+        for i in range(self.kg_end - self.kg_start + 1):
+            if self.bufs[i].len:
+                memcpy(&view[off], self.bufs[i].data, self.bufs[i].len)
+                sections.append([self.kg_start + i, off, self.bufs[i].len, self.counts[i]])
+                off += self.bufs[i].len
+        return bytes(out), sections
+
+
+def snapshot_table(StateTable table, SnapshotSink sink):
+    """Pass every entry of ``table`` to ``sink`` (heap tables: GIL released); returns the count."""
+    return table.snapshot(sink)
+
+
+def consistent_copy(StateTable table):
+    """A copy of ``table`` as of now, to snapshot later from another thread (NotImplementedError if unsupported)."""
+    return table.consistent_copy()
+
+
+cdef inline int check_sink(int rc) except -1:
+    if rc == -1:
+        raise MemoryError("statecore: out of memory while taking a snapshot")
+    if rc == -2:
+        raise StateError("statecore: malformed entry found while taking a snapshot")
+    return 0
+
+
+def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, Py_ssize_t length, int kg,
+                 dict sidmap, str where):
+    """Insert the records of one key-group section into the restored tables.
+
+    ``sidmap`` maps the snapshot's state id to ``(new state id, StateTable, layout)``.
+    Every record is checked (bounds, key group, state id) and a malformed one
+    raises ``CorruptCheckpointError`` naming ``where``.  Returns the record count.
+    """
+    cdef const uint8_t *p
+    cdef const uint8_t *end
+    cdef const uint8_t *k
+    cdef const uint8_t *v
+    cdef uint64_t kl = 0, vl = 0
+    cdef size_t used
+    cdef int64_t ts
+    cdef long long n = 0
+    cdef sc_kc_parts parts
+    cdef sc_buf *kbuf = &kb.rbuf
+    cdef StateTable table
+    cdef int layout
+    cdef uint16_t sid
+    cdef size_t plen
+    if off < 0 or length < 0 or off + length > data.shape[0]:
+        raise CorruptCheckpointError(f"{where}: key group {kg} section [{off}, +{length}) is outside the file")
+    if length == 0:
+        return 0
+    p = &data[off]
+    end = p + length
+    while p < end:
+        used = sc_varint_get(p, end, &kl)
+        if used == 0 or kl > <uint64_t>(end - p - used) or kl < SC_KC_HEAD:
+            raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
+        k = p + used
+        p = k + kl
+        used = sc_varint_get(p, end, &vl)
+        if used == 0 or vl > <uint64_t>(end - p - used) or <uint64_t>(end - p - used) - vl < 8:
+            raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
+        v = p + used
+        p = v + vl
+        ts = <int64_t>sc_be64_get(p)
+        p += 8
+        if sc_be16_get(k) != kg:
+            raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k)} is filed under {kg}")
+        entry = sidmap.get(sc_be16_get(k + 2))
+        if entry is None:
+            raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
+                                         "which the metadata does not declare")
+        sid, table, layout = entry
+        kbuf.len = 0
+        reserve(kbuf, kl)
+        memcpy(kbuf.data, k, kl)
+        sc_be16_put(kbuf.data + 2, sid)
+        kbuf.len = kl
+        if sc_kc_parse(kbuf.data, kl, &parts) != SC_OK:
+            raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
+        if layout == LAYOUT_MAP:
+            plen = kl - parts.uklen
+            table.mput(kbuf.data, plen, sc_table_hash(kbuf.data, plen), parts.user_key, parts.uklen, v, vl, ts)
+        elif parts.uklen:
+            raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
+        else:
+            table.put(kbuf.data, kl, sc_table_hash(kbuf.data, kl), v, vl, ts)
+        n += 1
+    return n
 
 # ------------------------------------------------------------------ storage
 
@@ -172,6 +393,55 @@ cdef class StateTable:
 
     cdef void release(self) noexcept:
         pass
+
+    cdef long long snapshot(self, SnapshotSink sink) except -1:
+        raise NotImplementedError(f"{type(self).__name__} cannot take snapshots yet")
+
+    cdef object consistent_copy(self):
+        raise NotImplementedError(f"{type(self).__name__} cannot take snapshots yet")
+
+    cdef int restamp(self, int64_t ts, int layout) except -1:
+        raise NotImplementedError(f"{type(self).__name__} cannot migrate TTL yet")
+
+
+cdef inline void restamp_blob(uint8_t *p, const uint8_t *end, int64_t ts) noexcept nogil:
+    """Set the timestamp of every record of a list blob (the blob was validated when written)."""
+    cdef uint64_t n = 0
+    cdef size_t used
+    while end - p >= 9:
+        sc_be64_put(p, <uint64_t>ts)
+        used = sc_varint_get(p + 8, end, &n)
+        if used == 0 or n > <uint64_t>(end - p - 8 - used):
+            return
+        p += 8 + used + n
+
+
+cdef int heap_snapshot(sc_table *t, SnapshotSink sink, long long *count) noexcept nogil:
+    cdef size_t pos = 0, ipos
+    cdef sc_entry *e
+    cdef sc_entry *m
+    cdef sc_table *inner
+    cdef int rc
+    while True:
+        e = sc_table_next(t, &pos)
+        if e is NULL:
+            return 0
+        if t.nested:
+            inner = sc_entry_inner(e)
+            ipos = 0
+            while True:
+                m = sc_table_next(inner, &ipos)
+                if m is NULL:
+                    break
+                rc = sink.add(sc_entry_key(e), e.klen, sc_entry_key(m), m.klen, sc_entry_value(m), m.vlen, m.ts)
+                if rc:
+                    return rc
+                count[0] += 1
+        else:
+            rc = sink.add(sc_entry_key(e), e.klen, NULL, 0, sc_entry_value(e), e.vlen, e.ts)
+            if rc:
+                return rc
+            count[0] += 1
 
 
 @cython.final
@@ -325,6 +595,42 @@ cdef class HeapStateTable(StateTable):
             self.cursor = (self.cursor + 1) & self.t.mask
         return dropped
 
+    cdef long long snapshot(self, SnapshotSink sink) except -1:
+        cdef long long n = 0
+        cdef int rc
+        with nogil:
+            rc = heap_snapshot(self.t, sink, &n)
+        check_sink(rc)
+        return n
+
+    cdef object consistent_copy(self):
+        cdef HeapStateTable c = HeapStateTable.__new__(HeapStateTable, self.t.nested)
+        sc_table_free(c.t)
+        c.t = sc_table_clone(self.t)
+        if c.t is NULL:
+            raise MemoryError("statecore: out of memory while copying state for an asynchronous checkpoint")
+        return c
+
+    cdef int restamp(self, int64_t ts, int layout) except -1:
+        cdef size_t pos = 0, ipos
+        cdef sc_entry *e
+        cdef sc_entry *m
+        while True:
+            e = sc_table_next(self.t, &pos)
+            if e is NULL:
+                return 0
+            if self.t.nested:
+                ipos = 0
+                while True:
+                    m = sc_table_next(sc_entry_inner(e), &ipos)
+                    if m is NULL:
+                        break
+                    m.ts = ts
+            else:
+                e.ts = ts
+                if layout == LAYOUT_LIST:
+                    restamp_blob(sc_entry_value(e), sc_entry_value(e) + e.vlen, ts)
+
     cdef long _clean_list(self, sc_entry *e, int64_t ttl, int64_t now, sc_buf *scratch) except -1:
         cdef const uint8_t *p = sc_entry_value(e)
         cdef const uint8_t *end = p + e.vlen
@@ -399,6 +705,10 @@ cdef class KeyedStateBackend:
     cdef int next_sid
     cdef readonly str job_id
     cdef readonly str operator_id
+    cdef dict restored          # name -> [meta dict, sid, table]: restored, not yet claimed by get_state
+    cdef public int64_t restore_clock_ms   # clock reading at restore (TTL switched on at restore stamps it)
+    cdef public object state_backend       # the StateBackend that made this (its checkpoint storage, options)
+    cdef public object checkpoint_lock     # taken while a snapshot copies state (see checkpoint/snapshot.py)
 
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.kbuf)
@@ -409,6 +719,7 @@ cdef class KeyedStateBackend:
         self.key_version = 1
         self.states = {}
         self.every_record = []
+        self.restored = {}
 
     def __init__(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
                  job_id="job", operator_id="operator"):
@@ -522,15 +833,98 @@ cdef class KeyedStateBackend:
                     f"state {name!r} is registered with TTL {old.ttl_config}, requested with "
                     f"{descriptor.ttl_config}; TTL changes take effect on restore")
             return existing
-        if self.next_sid >= 0xFFFF:
-            raise StateError("a keyed backend holds at most 65535 states")
+        if name in self.restored:
+            meta, sid, table = self.restored[name]
+            self._check_restored(meta, descriptor)
+            old_ttl, new_ttl = meta.get("ttl") is not None, descriptor.ttl_config is not None
+            if old_ttl != new_ttl:
+                # Flink 2.2: enabling TTL stamps every restored entry with the restore time
+                # as its last access; disabling drops the timestamps.
+                (<StateTable>table).restamp(self.restore_clock_ms if new_ttl else 0,
+                                            _LAYOUTS[descriptor.state_type])
+            del self.restored[name]
+        else:
+            sid, table = self.new_sid(), self._new_table(descriptor.state_type == "map")
         cls = _STATE_CLASSES[descriptor.state_type]
-        st = cls(self, descriptor, self.next_sid, self._new_table(descriptor.state_type == "map"))
-        self.next_sid += 1
+        st = cls(self, descriptor, sid, table)
         self.states[name] = st
         if (<State>st).cleanup_every_record:
             self.every_record.append(st)
         return st
+
+    cdef int new_sid(self) except -1:
+        if self.next_sid >= 0xFFFF:
+            raise StateError("a keyed backend holds at most 65535 states")
+        self.next_sid += 1
+        return self.next_sid - 1
+
+    def _check_restored(self, dict meta, descriptor):
+        """StateMigrationError unless descriptor is compatible with restored state meta."""
+        name = descriptor.name
+        if meta["type"] != descriptor.state_type:
+            raise StateMigrationError(f"state {name!r} was checkpointed as {meta['type']} state and is now requested "
+                                      f"as {descriptor.state_type} state; state types cannot be migrated")
+        want = _serializer_ids(descriptor)
+        for part in ("value_serializer", "user_key_serializer"):
+            if meta.get(part) != want[part]:
+                raise StateMigrationError(
+                    f"state {name!r}: the {part.replace('_', ' ')} changed from {meta.get(part)} (in the checkpoint) "
+                    f"to {want[part]}; restore with the serializer the state was written with (or bump a "
+                    "serializer version only together with a migration)")
+
+    def _restore_state(self, dict meta):
+        """Register a state found in a checkpoint; returns (sid, table, layout) to load its records into."""
+        name = meta["name"]
+        if name in self.restored:
+            old = self.restored[name][0]
+            if {k: old.get(k) for k in ("type", "value_serializer", "user_key_serializer")} != \
+                    {k: meta.get(k) for k in ("type", "value_serializer", "user_key_serializer")}:
+                raise StateMigrationError(f"state {name!r} differs between the checkpoints being restored: "
+                                          f"{old} vs {meta}")
+            _, sid, table = self.restored[name]
+        else:
+            if meta.get("type") not in _LAYOUTS:
+                raise CorruptCheckpointError(f"state {name!r} has unknown type {meta.get('type')!r}")
+            sid, table = self.new_sid(), self._new_table(meta["type"] == "map")
+            self.restored[name] = [meta, sid, table]
+        return sid, table, _LAYOUTS[meta["type"]]
+
+    def _snapshot_tables(self):
+        """[(meta dict, layout, StateTable)] of every state, restored-but-unclaimed ones included."""
+        self.check_open()
+        out = []
+        for name, st in self.states.items():
+            d = (<State>st).descriptor
+            meta = {"name": name, "sid": (<State>st).sid, "type": d.state_type,
+                    "ttl": d.ttl_config.to_dict() if d.ttl_config is not None else None}
+            meta.update(_serializer_ids(d))
+            out.append((meta, (<State>st).layout, (<State>st).table))
+        for name, (meta, sid, table) in self.restored.items():
+            m = dict(meta)
+            m["sid"] = sid
+            out.append((m, _LAYOUTS[meta["type"]], table))
+        return out
+
+    def _now_ms(self):
+        return self.now()
+
+    def checkpoint(self, checkpoint_id):
+        """Take a checkpoint into the backend's checkpoint storage; durable when it returns.
+
+        Returns a ``CompletedCheckpoint``.  See statecore/checkpoint/snapshot.py.
+        """
+        from statecore.checkpoint.snapshot import checkpoint
+        return checkpoint(self, checkpoint_id)
+
+    def checkpoint_async(self, checkpoint_id):
+        """Take the consistent cut now; write it in the background.  Returns a Future."""
+        from statecore.checkpoint.snapshot import checkpoint_async
+        return checkpoint_async(self, checkpoint_id)
+
+    def savepoint(self, uri):
+        """Write a canonical, self-contained savepoint to ``uri`` (restorable into any backend)."""
+        from statecore.checkpoint.snapshot import savepoint
+        return savepoint(self, uri)
 
     def get_keys(self, state_name, namespace=None):
         """Iterator over the keys with an entry in ``state_name`` under ``namespace``.
@@ -541,12 +935,16 @@ cdef class KeyedStateBackend:
         cdef sc_buf ns
         self.check_open()
         st = self.states.get(state_name)
-        if st is None:
+        if st is not None:
+            table = (<State>st).table
+        elif state_name in self.restored:
+            table = self.restored[state_name][2]
+        else:
             raise StateError(f"no state named {state_name!r} is registered; call get_state(descriptor) first")
         buf_init(&ns)
         try:
             self.ns_serializer.encode_key(namespace, &ns)
-            raw = (<State>st).table.key_bytes(ns.data, ns.len)
+            raw = (<StateTable>table).key_bytes(ns.data, ns.len)
         finally:
             sc_buf_free(&ns)
         ks = self.key_serializer
@@ -554,9 +952,11 @@ cdef class KeyedStateBackend:
 
     def num_state_entries(self):
         """Entries stored (expired-but-not-cleaned included): one per (state, key,
-        namespace) for value/list/reducing/aggregating states, one per map entry."""
+        namespace) for value/list/reducing/aggregating states, one per map entry.
+        Restored states not yet requested with ``get_state`` count too."""
         self.check_open()
-        return sum((<State>s).table.count() for s in self.states.values())
+        return sum((<State>s).table.count() for s in self.states.values()) + \
+            sum((<StateTable>r[2]).count() for r in self.restored.values())
 
     def _bytes_in_memory(self):
         return sum((<State>s).table.nbytes() for s in self.states.values()) + \
@@ -588,6 +988,8 @@ cdef class KeyedStateBackend:
         self.closed = True
         for st in self.states.values():
             (<State>st).table.release()
+        for r in self.restored.values():
+            (<StateTable>r[2]).release()
         self.every_record = []
 
     def __enter__(self):
@@ -1435,6 +1837,18 @@ cdef class AggregatingState(State):
         if not found:
             acc = self.agg.create_accumulator()
         self.write_single(self.agg.add(value, acc))
+
+
+_LAYOUTS = {"value": LAYOUT_VALUE, "reducing": LAYOUT_VALUE, "aggregating": LAYOUT_VALUE,
+            "list": LAYOUT_LIST, "map": LAYOUT_MAP}
+
+
+def _serializer_ids(descriptor):
+    """The serializer identities a checkpoint records for a state (JSON-able lists)."""
+    if descriptor.state_type == "map":
+        return {"value_serializer": list(descriptor.value_serializer.identity()),
+                "user_key_serializer": list(descriptor.key_serializer.identity())}
+    return {"value_serializer": list(descriptor.value_serializer.identity()), "user_key_serializer": None}
 
 
 _STATE_CLASSES = {

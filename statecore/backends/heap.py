@@ -17,7 +17,7 @@ class HeapKeyedStateBackend(KeyedStateBackend):
 class HashMapStateBackend(StateBackend):
     """Working state in process memory (a compiled hash table per state)."""
 
-    def create_keyed_state_backend(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
+    def _create_keyed(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
                                    job_id="job", operator_id="operator"):
         """A new, empty keyed backend owning ``key_group_range`` (default: all key groups)."""
         return HeapKeyedStateBackend(max_parallelism=max_parallelism, key_group_range=key_group_range,

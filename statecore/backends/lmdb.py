@@ -28,6 +28,7 @@ from statecore.errors import StateError
 
 MIB = 1 << 20
 MARKER = "STATECORE_LMDB"
+_LAYOUTS = {"value": 0, "reducing": 0, "aggregating": 0, "list": 1, "map": 2}
 LOCK = "LOCK"
 _HELD = set()  # working directories this process holds (a second keyed backend picks another name)
 _LOCK_FDS = {}  # directory -> lock fd, closed in forked children
@@ -82,10 +83,16 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
         super().__init__(max_parallelism=max_parallelism, key_group_range=key_group_range,
                          key_serializer=key_serializer, clock=clock, job_id=job_id, operator_id=operator_id)
         dirty_budget = 32 * MIB
+        max_write_buffer_number = max(1, int(max_write_buffer_number))
+        cache_entries = max(0, int(cache_entries or 0))
+        cache_bytes = 0
         if memory_budget is not None:
-            # budget split: write buffer (+ its slot array) ~1/3, LMDB dirty pages of a flush chunk 1/4, rest slack
-            write_buffer_size = max(4096, min(write_buffer_size, int(memory_budget) // 3))
-            dirty_budget = max(MIB, int(memory_budget) // 4)
+            # budget split: all write buffers (+ slot arrays, prefix index) 1/3, read cache 1/6, LMDB dirty pages
+            # of a flush chunk 1/4, the rest slack (Python objects, allocator overhead)
+            budget = int(memory_budget)
+            write_buffer_size = max(4096, min(write_buffer_size, budget // 3 // max_write_buffer_number))
+            dirty_budget = max(MIB, budget // 4)
+            cache_bytes = max(4096, budget // 6)
         self._temp = db_path is None
         if self._temp:
             self._root = tempfile.mkdtemp(prefix="statecore-lmdb-")
@@ -105,7 +112,9 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
         _LOCK_FDS[key] = self._lock_fd
         try:
             self._store = LMDBStore(os.path.join(self._dir, "env"), write_buffer_size=write_buffer_size, sync=sync,
-                                    map_size=map_size, max_readers=max_readers, dirty_budget=dirty_budget)
+                                    map_size=map_size, max_readers=max_readers, dirty_budget=dirty_budget,
+                                    max_write_buffer_number=max_write_buffer_number, cache_entries=cache_entries,
+                                    cache_bytes=cache_bytes, clock=clock)
         except BaseException:
             self._release_dir()
             raise
@@ -120,8 +129,22 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
         """This keyed backend's working directory."""
         return self._dir
 
+    def get_state(self, descriptor):
+        self._pending = descriptor  # read by _new_table when the state is new
+        try:
+            return super().get_state(descriptor)
+        finally:
+            self._pending = None
+
     def _new_table(self, nested):
-        return LMDBStateTable(self._store, nested)
+        d = getattr(self, "_pending", None)
+        layout, drop_ttl = (2 if nested else 0), 0
+        if d is not None:
+            layout = _LAYOUTS.get(d.state_type, layout)
+            cfg = d.ttl_config
+            if cfg is not None and cfg.is_cleanup_in_background:
+                drop_ttl = cfg.ttl_ms  # flushes drop expired entries (Flink's compaction filter)
+        return LMDBStateTable(self._store, nested, layout, drop_ttl)
 
     def flush(self):
         """Flush the write buffer to LMDB now."""
@@ -132,6 +155,7 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
         sm = self._store.metrics()
         m.update(sm)
         m["bytes_in_memory"] = self._bytes_in_memory() + sm["bytes_in_memory"]
+        m["ttl_expired"] += sm["flush_expired"]
         return m
 
     def _release_dir(self):
@@ -188,7 +212,7 @@ class LMDBStateBackend(StateBackend):
         """Where working directories are created (Flink's ``setDbStoragePath``); None: a temp dir."""
         self.db_path = None if path is None else os.fspath(path)
 
-    def create_keyed_state_backend(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
+    def _create_keyed(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
                                    job_id="job", operator_id="operator"):
         """A new, empty keyed backend owning ``key_group_range`` (default: all key groups)."""
         return LMDBKeyedStateBackend(max_parallelism=max_parallelism, key_group_range=key_group_range,

@@ -1,48 +1,59 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The LMDB spill tier's storage: a C write buffer (memtable) in front of LMDB.
+"""The LMDB spill tier's storage: C write buffers (memtables) in front of LMDB.
 
 LMDB is used through the ``lmdb`` Python package (py-lmdb >= 2.3, bundling
 LMDB 0.9.x), not through LMDB's C API: py-lmdb ships no headers to link
-against, and its ``Transaction.get``/``Cursor`` calls are thin C wrappers.
-The hot path (write buffer lookups and writes) is pure C (csrc/sc_table.c).
+against, and its ``Transaction.get``/``put``/``Cursor`` calls are thin C
+wrappers that release the GIL around the LMDB call.  The hot path (write
+buffer lookups and writes, the read cache) is pure C (csrc/sc_table.c).
 
-Design (RocksDB's memtable in front of sorted storage):
+Design (RocksDB's memtables + block cache in front of sorted storage):
 
 * :class:`LMDBStore` is one per keyed backend: one LMDB environment
-  (``writemap=False``; ``sync`` off by default, working state is scratch) and
-  one shared flat C ``sc_table`` write buffer for all states.  A buffer entry
-  is keyed by the full composite key (csrc/sc_keycodec.h); its value is one
-  flag byte (1 put, 0 tombstone) followed by the value bytes, its ``ts`` the
-  TTL timestamp.
-* When the buffer's bytes exceed ``write_buffer_size`` it is flushed to LMDB
-  sorted by key, tombstones as deletes, in write transactions of at most
-  ``txn_entries`` entries: without MDB_WRITEMAP LMDB keeps every dirty page of
-  a transaction in malloc'd memory, and with random keys each entry can dirty
-  its own leaf page, so one transaction per 64 MiB buffer could hold hundreds
-  of MiB of anonymous memory.  (The working DB is scratch, so a flush need not
-  be atomic; the buffer is emptied only once every chunk has committed.)  The flush
-  runs synchronously on the caller's path (no background thread yet).  A
-  ``MapFullError`` aborts the transaction, doubles the map with no
-  transaction open and retries, so users never see it.
-* Reads: buffer first, then LMDB through one long-lived read transaction,
-  renewed after every flush.
+  (``writemap=False``; ``sync`` off by default, working state is scratch), one
+  *active* C ``sc_table`` write buffer shared by all states, and up to
+  ``max_write_buffer_number - 1`` *immutable* buffers waiting to be flushed.
+  A buffer entry is keyed by the full composite key (csrc/sc_keycodec.h); its
+  value is one flag byte (tombstone / put / list append-delta, plus a "list
+  state" bit) followed by the value bytes; its ``ts`` the TTL timestamp.
+* When the active buffer (its bytes plus the map-prefix index's estimated
+  bytes) exceeds ``write_buffer_size`` it becomes immutable and a background
+  thread flushes it to LMDB, sorted by key, tombstones as deletes, in write
+  transactions of at most ``txn_entries`` entries (without MDB_WRITEMAP LMDB
+  keeps every dirty page of a transaction in malloc'd memory).  The GIL is
+  released inside every py-lmdb call.  The caller stalls (``stalls`` metric)
+  only when all ``max_write_buffer_number`` buffers are full.  Buffers are
+  retired (freed) by the caller's thread only: the flush thread never frees or
+  moves memory the caller may point into; it only flips an entry's flag byte
+  (drop-at-flush) under the GIL.
+* ``MapFullError`` in the flush thread: the transaction is aborted, the flush
+  thread asks the caller's thread (at its next operation, or while it stalls)
+  to double the map with no transaction open, then retries: users never see it.
+* Reads: active buffer, immutable buffers newest first, the bounded read
+  cache (``cache_entries``: composite key -> LMDB record, invalidated by every
+  buffer write of that key), then LMDB through one long-lived read
+  transaction, renewed whenever a flushed buffer is retired (until then the
+  immutable buffer holds everything the old snapshot lacks).
+* TTL drop-at-flush (Flink's compaction-filter cleanup): a state whose TTL
+  config has ``cleanup_in_background`` gives its table the TTL; the flush
+  drops that state's expired entries (list: expired elements) that are the
+  newest version of their key, counting them in ``ttl_expired``.
 * LMDB record: key = the composite key when it is at most 480 bytes, else its
   first 400 bytes + sha256(full key) (LMDB keys are at most 511 bytes); value
   = ``flags | BE64 ts | [varint len | full key when hashed] | value``.  A
   hashed record's full key is checked on every read.
+* ListState.add is a merge operator: an append to a list that is not in the
+  active buffer stores an append-delta (only the new records) in the buffer;
+  a flush writes a delta as its own LMDB record under ``lmdb key | BE64 seq``
+  (flag V_DELTA).  Reads concatenate base + LMDB deltas + buffer deltas; a
+  list put/clear deletes the deltas.  The stored list is never rewritten by add.
 * A map (state, key, namespace) is one contiguous key range: ``mitems`` merges
-  an LMDB cursor range with the buffer's entries of that prefix (indexed per
-  prefix while they are in the buffer), tombstones and newer versions winning,
-  in serialized-user-key order.
-* Lists use the blob interface; ``append`` appends in place when the blob is
-  in the buffer and otherwise reads the LMDB blob once, copying it into the
-  buffer (follow-up: a merge-operator design storing appended records as
-  separate LMDB keys so a spilled list is never rewritten).
+  an LMDB cursor range with each buffer's entries of that prefix (indexed per
+  prefix while they are in a buffer), newer tiers and tombstones winning.
 * Entry counts (``num_state_entries``) are exact: every write checks whether
-  the key exists (buffer, then LMDB).
-* Fork: the store remembers the opening pid; any use in another process
-  raises StateError, and the at-fork hook keeps the child from ever closing
-  the inherited environment (closing would release the parent's reader slots).
+  the key exists (buffers, then LMDB).
+* Fork: any use in a forked child raises StateError, and the at-fork hook
+  keeps the child from ever closing the inherited environment.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -53,14 +64,15 @@ from posix.unistd cimport getpid
 
 from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
                               sc_buf_reserve, sc_entry, sc_entry_key, sc_entry_value, sc_kc_parse, sc_kc_parts,
-                              sc_table, sc_table_append, sc_table_find, sc_table_free, sc_table_hash, sc_table_new,
-                              sc_table_next, sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get,
-                              sc_varint_put)
-from statecore._states cimport StateTable
+                              sc_now_ms, sc_table, sc_table_append, sc_table_delete, sc_table_delete_entry,
+                              sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next, sc_table_put,
+                              sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
+from statecore._states cimport SnapshotSink, StateTable
 from statecore._status cimport check
 
 import hashlib
 import os
+import threading
 import weakref
 
 import lmdb
@@ -70,12 +82,20 @@ from statecore.errors import StateError
 cdef enum:
     FLAG_TOMB = 0
     FLAG_PUT = 1
+    FLAG_MERGE = 2         # list append-delta: records appended to the older version
+    FLAG_KIND = 3          # mask of the three above
+    FLAG_LIST = 0x80       # the entry belongs to a list state (its put/tombstone also drops LMDB deltas)
     MAX_DIRECT_KEY = 480   # composite keys up to this length are LMDB keys as they are
     HASHED_HEAD = 400      # longer ones: their first 400 bytes + sha256 (432 bytes)
     V_HASHED = 1           # LMDB value flag: the full composite key follows the timestamp
+    V_DELTA = 2            # LMDB value flag: a list append-delta (LMDB key = base key + BE64 seq)
     LAYOUT_VALUE = 0
     LAYOUT_LIST = 1
     LAYOUT_MAP = 2
+    MT_PENDING = 0
+    MT_FLUSHING = 1
+    MT_DONE = 2
+    MINDEX_ENTRY_BYTES = 96  # estimated bookkeeping bytes of one map key in a buffer's prefix index
 
 _STORES = weakref.WeakSet()
 _LEAKED = []  # environments inherited by a forked child: never closed there
@@ -106,6 +126,10 @@ cdef inline int reserve(sc_buf *b, size_t n) except -1:
     return 0
 
 
+cdef inline int kind(sc_entry *e) noexcept:
+    return sc_entry_value(e)[0] & FLAG_KIND
+
+
 cdef int cmp_entry(const void *a, const void *b) noexcept nogil:
     cdef sc_entry *ea = (<sc_entry **>a)[0]
     cdef sc_entry *eb = (<sc_entry **>b)[0]
@@ -124,7 +148,7 @@ cdef bytes lmdb_key(const uint8_t *k, size_t kl):
     return full[:HASHED_HEAD] + hashlib.sha256(full).digest()
 
 
-cdef bytes encode_record(const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts):
+cdef bytes encode_record(const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts, uint8_t flags):
     """LMDB value: flags | BE64 ts | [varint len | full key] | value."""
     cdef bint hashed = kl > MAX_DIRECT_KEY
     cdef uint8_t vint[SC_VARINT_MAX]
@@ -132,7 +156,7 @@ cdef bytes encode_record(const uint8_t *k, size_t kl, const uint8_t *v, size_t v
     cdef size_t n = 9 + (nv + kl if hashed else 0) + vl
     cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
     cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
-    p[0] = V_HASHED if hashed else 0
+    p[0] = flags | (V_HASHED if hashed else 0)
     sc_be64_put(p + 1, <uint64_t>ts)
     p += 9
     if hashed:
@@ -145,42 +169,52 @@ cdef bytes encode_record(const uint8_t *k, size_t kl, const uint8_t *v, size_t v
     return out
 
 
-cdef int parse_record(bytes raw, int64_t *ts, const uint8_t **fk, size_t *fkl, const uint8_t **v,
-                      size_t *vl) except -1:
+cdef int parse_raw(const uint8_t *p, size_t n, int64_t *ts, const uint8_t **fk, size_t *fkl, const uint8_t **v,
+                   size_t *vl) except -1:
     """Split an LMDB value; *fk is NULL when the LMDB key is the composite key."""
-    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(raw)
-    cdef const uint8_t *end = p + PyBytes_GET_SIZE(raw)
-    cdef uint64_t n = 0
+    cdef const uint8_t *end = p + n
+    cdef uint64_t m = 0
     cdef size_t used
-    if end - p < 9:
+    if n < 9:
         raise StateError("statecore: corrupt LMDB record (truncated)")
     ts[0] = <int64_t>sc_be64_get(p + 1)
     if p[0] & V_HASHED:
-        used = sc_varint_get(p + 9, end, &n)
-        if used == 0 or n > <uint64_t>(end - p - 9 - used):
+        used = sc_varint_get(p + 9, end, &m)
+        if used == 0 or m > <uint64_t>(end - p - 9 - used):
             raise StateError("statecore: corrupt LMDB record (bad key length)")
         fk[0] = p + 9 + used
-        fkl[0] = n
-        p = p + 9 + used + n
+        fkl[0] = m
+        p = p + 9 + used + m
     else:
         fk[0] = NULL
         fkl[0] = 0
         p += 9
     v[0] = p
-    vl[0] = end - p
+    vl[0] = <size_t>(end - p)
     return 0
 
 
+cdef inline int parse_record(bytes raw, int64_t *ts, const uint8_t **fk, size_t *fkl, const uint8_t **v,
+                             size_t *vl) except -1:
+    return parse_raw(<const uint8_t *>PyBytes_AS_STRING(raw), <size_t>PyBytes_GET_SIZE(raw), ts, fk, fkl, v, vl)
+
+
 cdef bytes record_full_key(bytes lkey, bytes raw):
-    """The composite key of an LMDB record."""
+    """The composite key of an LMDB record (of the base list for an append-delta)."""
     cdef int64_t ts
     cdef const uint8_t *fk
     cdef const uint8_t *v
     cdef size_t fkl, vl
     parse_record(raw, &ts, &fk, &fkl, &v, &vl)
-    if fk is NULL:
-        return lkey
-    return as_bytes(fk, fkl)
+    if fk is not NULL:
+        return as_bytes(fk, fkl)
+    if (<const uint8_t *>PyBytes_AS_STRING(raw))[0] & V_DELTA:
+        return lkey[:len(lkey) - 8]
+    return lkey
+
+
+cdef inline bint is_delta(bytes raw):
+    return ((<const uint8_t *>PyBytes_AS_STRING(raw))[0] & V_DELTA) != 0
 
 
 cdef size_t map_prefix_len(const uint8_t *k, size_t kl) except? 0:
@@ -190,52 +224,156 @@ cdef size_t map_prefix_len(const uint8_t *k, size_t kl) except? 0:
     return <size_t>(parts.user_key - k)
 
 
+cdef long filter_records(const uint8_t *v, size_t vl, int64_t ttl, int64_t now, sc_buf *out) except -1:
+    """Copy the unexpired list records of v into out; return how many were dropped."""
+    cdef const uint8_t *p = v
+    cdef const uint8_t *end = v + vl
+    cdef uint64_t n = 0
+    cdef size_t used
+    cdef int64_t ts
+    cdef long dropped = 0
+    cdef const uint8_t *rec
+    out.len = 0
+    reserve(out, vl)
+    while p < end:
+        if end - p < 9:
+            raise StateError("statecore: corrupt list state (truncated record)")
+        rec = p
+        ts = <int64_t>sc_be64_get(p)
+        used = sc_varint_get(p + 8, end, &n)
+        if used == 0 or n > <uint64_t>(end - p - 8 - used):
+            raise StateError("statecore: corrupt list state (bad record length)")
+        p += 8 + used + n
+        if sc_ttl_expired(ts, ttl, now):
+            dropped += 1
+        else:
+            memcpy(out.data + out.len, rec, <size_t>(p - rec))
+            out.len += <size_t>(p - rec)
+    return dropped
+
+
+cdef void restamp_records(uint8_t *p, size_t n, int64_t ts) noexcept:
+    """Set the timestamp of every record of a list blob (a private copy)."""
+    cdef uint8_t *end = p + n
+    cdef uint64_t m = 0
+    cdef size_t used
+    while end - p >= 9:
+        sc_be64_put(p, <uint64_t>ts)
+        used = sc_varint_get(p + 8, end, &m)
+        if used == 0 or m > <uint64_t>(end - p - 8 - used):
+            return
+        p += 8 + used + m
+
+
+@cython.final
+cdef class Memtable:
+    """One write buffer: a C table plus its map-prefix index."""
+    cdef sc_table *t
+    cdef dict mindex          # map prefix -> set of full keys with an entry in this buffer
+    cdef size_t mbytes        # estimated bytes of mindex
+    cdef int state            # MT_PENDING / MT_FLUSHING / MT_DONE (only for immutable buffers)
+
+    def __cinit__(self):
+        self.t = sc_table_new(16, 0)
+        if self.t is NULL:
+            raise MemoryError()
+        self.mindex = {}
+
+    def __dealloc__(self):
+        sc_table_free(self.t)
+        self.t = NULL
+
+    cdef void release(self) noexcept:
+        sc_table_free(self.t)
+        self.t = NULL
+        self.mindex = None
+        self.mbytes = 0
+
+    cdef inline size_t size(self) noexcept:
+        return (self.t.bytes if self.t is not NULL else 0) + self.mbytes
+
+
 @cython.final
 cdef class LMDBStore:
-    """One per keyed backend: the LMDB environment and the shared write buffer."""
-    cdef sc_table *buf
+    """One per keyed backend: the LMDB environment, the write buffers, the read cache, the flush thread."""
+    cdef Memtable act           # the active write buffer
+    cdef sc_table *buf          # act.t (hot path)
+    cdef list imm               # immutable buffers, oldest first
+    cdef Py_ssize_t nimm
     cdef sc_buf scratch
+    cdef sc_buf fscratch        # the flush thread's scratch
+    cdef sc_table *cache        # read cache: composite key -> LMDB record value part (ts = record ts)
+    cdef size_t cache_cap
+    cdef size_t cache_bytes
+    cdef size_t ccursor
     cdef readonly object env
     cdef object rtxn
     cdef object rget            # rtxn.get, bound once per read transaction
     cdef readonly str path
     cdef readonly size_t write_buffer_size
+    cdef readonly int max_write_buffer_number
     cdef readonly size_t txn_entries  # buffer entries per LMDB write transaction of a flush
     cdef long pid
     cdef bint is_forked
     cdef readonly bint closed
-    cdef dict mindex            # map prefix -> set of full keys with an entry in the buffer
+    cdef object clock           # None: the C coarse wall clock; else a ManualClock or a callable
+    cdef bint manual_clock
+    cdef dict ttl_tables        # state id -> LMDBStateTable whose expired entries a flush drops
+    # flush thread
+    cdef object cv
+    cdef object worker
+    cdef int signal             # set by the flush thread (a buffer is done, a grow request, an error)
+    cdef bint grow_req
+    cdef object error
+    cdef bint closing
+    cdef uint64_t seq           # append-delta sequence (LMDB key suffix)
+    cdef readonly long long ndeltas
     cdef readonly long long flushes
     cdef readonly long long stalls
     cdef readonly long long cache_hits
     cdef readonly long long cache_misses
     cdef readonly long long map_resizes
-    cdef public long long epoch  # bumped by every flush (buffer slots are reset)
+    cdef readonly long long flush_expired
+    cdef public long long epoch  # bumped whenever the active buffer is replaced (its slots reset)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.scratch)
-        self.buf = sc_table_new(16, 0)
-        if self.buf is NULL:
-            raise MemoryError()
+        buf_init(&self.fscratch)
 
     def __init__(self, str path, size_t write_buffer_size=64 << 20, bint sync=False, size_t map_size=256 << 20,
-                 int max_readers=1024, size_t dirty_budget=32 << 20):
+                 int max_readers=1024, size_t dirty_budget=32 << 20, int max_write_buffer_number=2,
+                 size_t cache_entries=0, size_t cache_bytes=0, clock=None):
+        from statecore.ttl import ManualClock
         self.path = path
         # a random-key entry may dirty a leaf and a branch page (2 x 4 KiB), held in malloc'd memory until commit
-        self.txn_entries = max(256, dirty_budget // 8192)
-        self.write_buffer_size = max(write_buffer_size, 1)
-        self.mindex = {}
+        self.txn_entries = max(<size_t>256, dirty_budget // 8192)
+        self.write_buffer_size = max(write_buffer_size, <size_t>1)
+        self.max_write_buffer_number = max(max_write_buffer_number, 1)
+        self.act = Memtable()
+        self.buf = self.act.t
+        self.imm = []
+        self.cache_cap = cache_entries
+        self.cache_bytes = cache_bytes
+        if cache_entries:
+            self.cache = sc_table_new(16, 0)
+            if self.cache is NULL:
+                raise MemoryError()
+        self.clock = clock
+        self.manual_clock = type(clock) is ManualClock
+        self.ttl_tables = {}
+        self.cv = threading.Condition(threading.Lock())
         self.pid = getpid()
         self.env = lmdb.open(path, map_size=map_size, subdir=True, sync=sync, metasync=sync, writemap=False,
-                             max_readers=max_readers, max_dbs=0, max_spare_txns=0, lock=True, readahead=False,
+                             max_readers=max_readers, max_dbs=0, max_spare_txns=1, lock=True, readahead=False,
                              meminit=False)
         _STORES.add(self)
 
     def __dealloc__(self):
-        sc_table_free(self.buf)
-        self.buf = NULL
+        sc_table_free(self.cache)
+        self.cache = NULL
         sc_buf_free(&self.scratch)
+        sc_buf_free(&self.fscratch)
 
     cdef void forked(self) noexcept:
         self.is_forked = True
@@ -243,32 +381,148 @@ cdef class LMDBStore:
             _LEAKED.append((self.env, self.rtxn))
 
     cdef inline int guard(self) except -1:
+        if self.is_forked or self.closed:
+            self.guard_fail()
+        if self.signal:
+            self.service()
+        return 0
+
+    cdef int guard_fail(self) except -1:
         if self.is_forked:  # set by the at-fork hook (no getpid() syscall per operation)
             raise StateError(
                 f"this LMDB state backend was opened in process {self.pid} and is used after fork() in "
                 f"process {getpid()}: LMDB environments must not cross fork. Create the backend in the child "
                 f"(or use the 'spawn' start method).")
-        if self.closed:
-            from statecore.errors import BackendClosedError
-            raise BackendClosedError("this keyed state backend is closed; create or restore a new one")
-        return 0
+        from statecore.errors import BackendClosedError
+        raise BackendClosedError("this keyed state backend is closed; create or restore a new one")
+
+    cdef int64_t now(self) except? -1:
+        if self.clock is None:
+            return sc_now_ms()
+        if self.manual_clock:
+            return self.clock.now_ms
+        return self.clock()
 
     def close(self, remove_dir=False):
-        """Close the environment (never in a forked child).  Idempotent."""
+        """Stop the flush thread and close the environment (never in a forked child).  Idempotent."""
+        cdef Memtable m
         if self.closed:
             return
         self.closed = True
-        sc_table_free(self.buf)
-        self.buf = NULL
-        self.mindex = {}
         if self.is_forked or getpid() != self.pid:
             self.is_forked = True
             return
+        with self.cv:
+            self.closing = True
+            self.cv.notify_all()
+            w = self.worker
+        if w is not None:
+            w.join()
+        for m in self.imm:
+            m.release()
+        self.imm = []
+        self.nimm = 0
+        self.act.release()
+        self.buf = NULL
+        sc_table_free(self.cache)
+        self.cache = NULL
+        self.ttl_tables = {}
         if self.rtxn is not None:
             self.rtxn.abort()
             self.rtxn = None
+        self.rget = None
         if self.env is not None:
             self.env.close()
+
+    # -- caller-thread service: retire flushed buffers, grow the map, report flush errors
+
+    cdef int service(self) except -1:
+        cdef Memtable m
+        with self.cv:
+            self.signal = 0
+            grow = self.grow_req
+            err = self.error
+        if grow:
+            self.end_read()  # with the flush thread waiting, no transaction is open in this process
+            self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            self.map_resizes += 1
+            with self.cv:
+                self.grow_req = False
+                self.cv.notify_all()
+        while self.nimm and (<Memtable>self.imm[0]).state == MT_DONE:
+            self.end_read()  # the next read sees what the buffer held
+            m = self.imm.pop(0)
+            self.nimm -= 1
+            m.release()
+        if err is not None:
+            raise StateError(f"statecore: flushing a write buffer to LMDB failed: {err!r}") from err
+        return 0
+
+    cdef int wait_until_below(self, Py_ssize_t nmax) except -1:
+        """Block until at most nmax immutable buffers remain (serving grow requests meanwhile)."""
+        while True:
+            self.service()
+            if self.nimm <= nmax:
+                return 0
+            with self.cv:
+                if self.worker is None:
+                    self.start_worker()
+                while not self.signal:
+                    self.cv.wait()
+
+    cdef void start_worker(self):
+        # called with self.cv held
+        t = threading.Thread(target=self.run_worker, name="statecore-lmdb-flush", daemon=True)
+        self.worker = t
+        t.start()
+
+    def run_worker(self):
+        """The flush thread: flush pending immutable buffers oldest first; exit when idle."""
+        cdef Memtable m
+        cdef Py_ssize_t i
+        while True:
+            with self.cv:
+                m = None
+                while True:
+                    if self.closing or self.error is not None:
+                        self.worker = None
+                        return
+                    for i in range(len(self.imm)):
+                        if (<Memtable>self.imm[i]).state == MT_PENDING:
+                            m = <Memtable>self.imm[i]
+                            break
+                    if m is not None:
+                        break
+                    if not self.cv.wait(1.0):
+                        self.worker = None
+                        return
+                m.state = MT_FLUSHING
+            try:
+                self.flush_memtable(m)
+            except BaseException as ex:
+                with self.cv:
+                    if not self.closing:
+                        self.error = ex
+                    self.signal = 1
+                    self.worker = None
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                m.state = MT_DONE
+                self.flushes += 1
+                self.signal = 1
+                self.cv.notify_all()
+
+    cdef int request_grow(self) except -1:
+        with self.cv:
+            self.grow_req = True
+            self.signal = 1
+            self.cv.notify_all()
+            while self.grow_req and not self.closing:
+                self.cv.wait()
+            if self.closing:
+                raise StateError("statecore: backend closed during a flush")
+        return 0
 
     # -- LMDB ------------------------------------------------------------
 
@@ -291,15 +545,56 @@ cdef class LMDBStore:
         cdef size_t fkl, vl
         if self.rget is None:
             self.rget = self.txn().get
-        raw = self.rget(as_bytes(k, kl) if kl <= MAX_DIRECT_KEY else lmdb_key(k, kl))
+        if kl <= MAX_DIRECT_KEY:
+            return self.rget(as_bytes(k, kl))
+        raw = self.rget(lmdb_key(k, kl))
         if raw is None:
             return None
-        if kl > MAX_DIRECT_KEY:
-            parse_record(raw, &ts, &fk, &fkl, &v, &vl)
-            if fk is NULL or fkl != kl or memcmp(fk, k, kl) != 0:
-                raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs to "
-                                 "another key")
+        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+        if fk is NULL or fkl != kl or memcmp(fk, k, kl) != 0:
+            raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs to "
+                             "another key")
         return raw
+
+    cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
+        """Append the LMDB list of k (base + append-deltas in order) to out; 1 when a base exists."""
+        cdef int64_t dts
+        cdef const uint8_t *fk
+        cdef const uint8_t *v
+        cdef size_t fkl, vl
+        cdef int found = 0
+        cdef bytes lkey
+        if self.ndeltas == 0:
+            raw = self.lget(k, kl)
+            if raw is None:
+                return 0
+            parse_record(raw, ts, &fk, &fkl, &v, &vl)
+            reserve(out, vl)
+            memcpy(out.data + out.len, v, vl)
+            out.len += vl
+            return 1
+        lk = lmdb_key(k, kl)
+        cur = self.txn().cursor()
+        if not cur.set_range(lk):
+            return 0
+        for lkey, raw in cur:
+            if not lkey.startswith(lk) or (len(lkey) != len(lk) and len(lkey) != len(lk) + 8):
+                break
+            parse_record(raw, &dts, &fk, &fkl, &v, &vl)
+            if fk is not NULL and (fkl != kl or memcmp(fk, k, kl) != 0):
+                if len(lkey) == len(lk):
+                    raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs "
+                                     "to another key")
+                continue
+            if len(lkey) == len(lk):
+                found = 1
+                ts[0] = dts
+            elif not found:
+                break  # deltas without a base: not a list of k
+            reserve(out, vl)
+            memcpy(out.data + out.len, v, vl)
+            out.len += vl
+        return found
 
     cdef list range_items(self, bytes p):
         """[(full key, raw record)] of every LMDB record whose composite key starts with p."""
@@ -348,17 +643,102 @@ cdef class LMDBStore:
                     break
             target = key
 
-    def flush(self):
-        """Write the buffer to LMDB in one transaction (sorted, tombstones as deletes) and empty it."""
-        self.guard()
-        self.do_flush()
+    # -- buffers -----------------------------------------------------------
 
-    cdef int do_flush(self) except -1:
-        cdef size_t n = self.buf.count, i = 0, pos = 0, start, end
+    cdef sc_entry *bfind(self, const uint8_t *k, size_t kl, uint32_t h) noexcept:
+        """The newest buffered version of k (active, then immutable newest first), or NULL."""
+        cdef sc_entry *e = sc_table_find(self.buf, k, kl, h)
+        cdef Py_ssize_t i
+        if e is not NULL or self.nimm == 0:
+            return e
+        for i in range(self.nimm - 1, -1, -1):
+            e = sc_table_find((<Memtable>self.imm[i]).t, k, kl, h)
+            if e is not NULL:
+                return e
+        return NULL
+
+    cdef bint newer_version(self, Memtable m, const uint8_t *k, size_t kl, uint32_t h) noexcept:
+        """True when a buffer newer than m holds k."""
+        cdef Py_ssize_t i
+        if sc_table_find(self.buf, k, kl, h) is not NULL:
+            return True
+        for i in range(len(self.imm) - 1, -1, -1):
+            if self.imm[i] is m:
+                return False
+            if sc_table_find((<Memtable>self.imm[i]).t, k, kl, h) is not NULL:
+                return True
+        return False
+
+    def flush(self):
+        """Flush every buffer to LMDB now (waits for the flush thread) and retire them."""
+        self.guard()
+        self.freeze(False)
+        self.wait_until_below(0)
+
+    cdef int freeze(self, bint stall) except -1:
+        """Make the active buffer immutable and hand it to the flush thread (stalling when all are full)."""
+        cdef Memtable old
+        if self.buf.count == 0:
+            return 0
+        if self.max_write_buffer_number > 1 and self.nimm >= self.max_write_buffer_number - 1:
+            self.stalls += stall  # all buffers are full: the caller waits (RocksDB's write stall)
+            self.wait_until_below(self.max_write_buffer_number - 2)
+        old = self.act
+        self.act = Memtable()
+        self.buf = self.act.t
+        self.epoch += 1
+        with self.cv:
+            old.state = MT_PENDING
+            self.imm.append(old)
+            self.nimm += 1
+            if self.worker is None:
+                self.start_worker()
+            self.cv.notify_all()
+        if self.max_write_buffer_number == 1:
+            self.stalls += stall
+            self.wait_until_below(0)  # one buffer: the caller waits for every flush
+        return 0
+
+    cdef inline int maybe_flush(self) except -1:
+        if self.buf.bytes + self.act.mbytes > self.write_buffer_size:
+            self.freeze(True)
+        return 0
+
+    cdef int drop_expired(self, Memtable m, sc_entry *e, object tbl) except -1:
+        """Drop-at-flush (flush thread, GIL held): 1 when e is dropped entirely (its flag flipped to a
+        tombstone); 2 when a list lost some records (the kept ones are in self.fscratch); else 0."""
+        cdef LMDBStateTable t = <LMDBStateTable>tbl
+        cdef int64_t now = self.now()
+        cdef long dropped
+        cdef int kd = kind(e)
+        if kd == FLAG_TOMB or kd == FLAG_MERGE:
+            return 0
+        if self.newer_version(m, sc_entry_key(e), e.klen, e.hash):
+            return 0  # not the newest version: the newer one decides
+        if t.layout == LAYOUT_LIST or (sc_entry_value(e)[0] & FLAG_LIST):
+            dropped = filter_records(sc_entry_value(e) + 1, e.vlen - 1, t.drop_ttl, now, &self.fscratch)
+            if dropped == 0:
+                return 0
+            self.flush_expired += dropped
+            if self.fscratch.len:
+                return 2
+        elif not sc_ttl_expired(e.ts, t.drop_ttl, now):
+            return 0
+        else:
+            self.flush_expired += 1
+        sc_entry_value(e)[0] = (sc_entry_value(e)[0] & FLAG_LIST) | FLAG_TOMB  # in place: the value bytes stay
+        t.n -= 1
+        return 1
+
+    cdef int flush_memtable(self, Memtable m) except -1:
+        """Write m to LMDB (flush thread): sorted, tombstones as deletes, deltas under their own keys."""
+        cdef size_t n = m.t.count, i = 0, pos = 0, start, end
         cdef sc_entry *e
         cdef sc_entry **arr
         cdef uint8_t *k
-        cdef sc_table *fresh
+        cdef uint8_t fl
+        cdef int kd, dr
+        cdef uint8_t seqb[8]
         if n == 0:
             return 0
         arr = <sc_entry **>malloc(n * sizeof(sc_entry *))
@@ -366,86 +746,146 @@ cdef class LMDBStore:
             raise MemoryError()
         try:
             while True:
-                e = sc_table_next(self.buf, &pos)
+                e = sc_table_next(m.t, &pos)
                 if e is NULL:
                     break
                 arr[i] = e
                 i += 1
-            qsort(arr, n, sizeof(sc_entry *), cmp_entry)
-            self.end_read()
+            with nogil:
+                qsort(arr, n, sizeof(sc_entry *), cmp_entry)
+            ttl_tables = self.ttl_tables
             start = 0
             while start < n:  # chunks of txn_entries: bounds LMDB's malloc'd dirty pages (no writemap)
+                if self.closing:
+                    raise StateError("statecore: backend closed during a flush")
                 end = min(n, start + self.txn_entries)
                 txn = self.env.begin(write=True)
                 try:
                     tput = txn.put
                     tdel = txn.delete
+                    cur = None
                     for i in range(start, end):
                         e = arr[i]
                         k = sc_entry_key(e)
+                        dr = 0
+                        if ttl_tables and e.klen >= 4:
+                            tbl = ttl_tables.get(sc_be16_get(k + 2))
+                            if tbl is not None:
+                                dr = self.drop_expired(m, e, tbl)
+                        fl = sc_entry_value(e)[0]
+                        kd = fl & FLAG_KIND
                         lk = lmdb_key(k, e.klen)
-                        if sc_entry_value(e)[0] == FLAG_PUT:
-                            tput(lk, encode_record(k, e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts))
+                        if kd == FLAG_MERGE:
+                            sc_be64_put(seqb, self.seq)
+                            self.seq += 1
+                            self.ndeltas += 1
+                            tput(lk + as_bytes(seqb, 8),
+                                 encode_record(k, e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts, V_DELTA))
+                            continue
+                        if (fl & FLAG_LIST) and self.ndeltas:
+                            if cur is None:
+                                cur = txn.cursor()
+                            # a put or tombstone of a list replaces its append-deltas too
+                            if cur.set_range(lk + b"\x00" * 8):
+                                while True:
+                                    key = cur.key()
+                                    if len(key) != len(lk) + 8 or not key.startswith(lk):
+                                        break
+                                    if not cur.delete():
+                                        break
+                        if kd == FLAG_PUT:
+                            if dr == 2:
+                                tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, e.ts, 0))
+                            else:
+                                tput(lk, encode_record(k, e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts, 0))
                         else:
                             tdel(lk)
+                    cur = None
                     txn.commit()
                     start = end
                 except lmdb.MapFullError:
+                    cur = None
                     txn.abort()
-                    self.env.set_mapsize(self.env.info()["map_size"] * 2)  # no transaction is open here
-                    self.map_resizes += 1
+                    self.request_grow()  # the caller's thread doubles the map with no transaction open
                 except BaseException:
+                    cur = None
                     txn.abort()
                     raise
         finally:
             free(arr)
-        fresh = sc_table_new(16, 0)
-        if fresh is NULL:
-            raise MemoryError()
-        sc_table_free(self.buf)
-        self.buf = fresh
-        self.mindex = {}
-        self.flushes += 1
-        self.epoch += 1
         return 0
-
-    cdef inline int maybe_flush(self) except -1:
-        if self.buf.bytes > self.write_buffer_size:
-            self.do_flush()
-        return 0
-
-    # -- write buffer ----------------------------------------------------
 
     cdef int bput(self, const uint8_t *k, size_t kl, uint32_t h, int flag, const uint8_t *v, size_t vl,
                   int64_t ts, size_t pl) except -1:
-        """Write (flag, v) under k into the buffer; pl > 0: a map entry with prefix length pl."""
+        """Write (flag, v) under k into the active buffer; pl > 0: a map entry with prefix length pl."""
+        cdef Memtable a = self.act
         reserve(&self.scratch, vl + 1)
         self.scratch.data[0] = <uint8_t>flag
         if vl:
             memcpy(self.scratch.data + 1, v, vl)
+        if self.cache is not NULL and self.cache.count:
+            sc_table_delete(self.cache, k, kl, h)
         check(sc_table_put(self.buf, k, kl, h, self.scratch.data, vl + 1, ts, NULL))
         if pl:
             p = as_bytes(k, pl)
-            s = self.mindex.get(p)
+            s = a.mindex.get(p)
             if s is None:
-                self.mindex[p] = s = set()
+                a.mindex[p] = s = set()
+                a.mbytes += pl + MINDEX_ENTRY_BYTES + 200
+            before = len(s)
             s.add(as_bytes(k, kl))
+            if len(s) != before:
+                a.mbytes += kl + MINDEX_ENTRY_BYTES
         return 0
 
+    # -- read cache ---------------------------------------------------------
+
+    cdef sc_entry *cache_find(self, const uint8_t *k, size_t kl, uint32_t h) noexcept:
+        cdef sc_entry *e = sc_table_find(self.cache, k, kl, h)
+        if e is NULL:
+            self.cache_misses += 1
+        else:
+            self.cache_hits += 1
+        return e
+
+    cdef sc_entry *cache_add(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
+                             int64_t ts) except? NULL:
+        cdef sc_entry *e
+        cdef sc_entry *out = NULL
+        while self.cache.count and (self.cache.count >= self.cache_cap or
+                                    (self.cache_bytes and self.cache.bytes + kl + vl > self.cache_bytes)):
+            e = sc_table_slot(self.cache, self.ccursor & self.cache.mask)
+            self.ccursor += 1
+            if e is not NULL:
+                sc_table_delete_entry(self.cache, e)  # clock-hand eviction over the slots (cheap)
+        if self.cache_bytes and kl + vl > self.cache_bytes:
+            return NULL
+        check(sc_table_put(self.cache, k, kl, h, v, vl, ts, &out))
+        return out
+
     def metrics(self):
+        cdef Memtable m
         self.guard()
         info = self.env.info()
         stat = self.env.stat()
+        buffered = self.act.size()
+        entries = self.buf.count
+        for m in self.imm:
+            buffered += m.size()
+            entries += m.t.count
         return {
-            "bytes_in_memory": self.buf.bytes + self.scratch.cap,
+            "bytes_in_memory": buffered + self.scratch.cap + (self.cache.bytes if self.cache is not NULL else 0),
             "bytes_on_disk": (info["last_pgno"] + 1) * stat["psize"],
             "flushes": self.flushes,
             "stalls": self.stalls,
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
+            "cache_entries": self.cache.count if self.cache is not NULL else 0,
             "map_size": info["map_size"],
             "map_resizes": self.map_resizes,
-            "buffer_entries": self.buf.count,
+            "buffer_entries": entries,
+            "immutable_buffers": self.nimm,
+            "flush_expired": self.flush_expired,
         }
 
 
@@ -454,12 +894,16 @@ cdef class LMDBStateTable(StateTable):
     """One state's view of an LMDBStore (the StateTable contract of statecore/_states.pxd)."""
     cdef LMDBStore s
     cdef bint nested
+    cdef readonly int layout  # LAYOUT_VALUE / LIST / MAP (lists become LIST on their first append too)
+    cdef int lbit             # FLAG_LIST for list states, else 0
+    cdef readonly int64_t drop_ttl  # > 0: flushes drop this state's expired entries
     cdef int sid          # learnt from the first composite key seen (-1: none yet, so no entries)
     cdef bytes sidb
-    cdef long long n      # live entries (expired-but-not-cleaned included)
+    cdef public long long n  # live entries (expired-but-not-cleaned included)
     cdef bytes hold       # keeps the LMDB record a returned pointer points into
     cdef sc_buf kb        # scratch: map composite keys
     cdef sc_buf lb        # scratch: list cleanup
+    cdef sc_buf rb        # scratch: resolved lists (base + deltas)
     cdef size_t bcursor   # cleanup position in the buffer's slots
     cdef long long bepoch
     cdef bytes lcursor    # cleanup position in LMDB (last visited LMDB key)
@@ -467,15 +911,20 @@ cdef class LMDBStateTable(StateTable):
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.kb)
         buf_init(&self.lb)
+        buf_init(&self.rb)
         self.sid = -1
 
-    def __init__(self, LMDBStore store, bint nested):
+    def __init__(self, LMDBStore store, bint nested, int layout=LAYOUT_VALUE, int64_t drop_ttl=0):
         self.s = store
         self.nested = nested
+        self.layout = LAYOUT_MAP if nested else layout
+        self.lbit = FLAG_LIST if self.layout == LAYOUT_LIST else 0
+        self.drop_ttl = drop_ttl if drop_ttl > 0 else 0
 
     def __dealloc__(self):
         sc_buf_free(&self.kb)
         sc_buf_free(&self.lb)
+        sc_buf_free(&self.rb)
 
     cdef void release(self) noexcept:
         self.hold = None
@@ -485,62 +934,142 @@ cdef class LMDBStateTable(StateTable):
         if self.sid < 0 and kl >= 4:
             self.sid = sc_be16_get(k + 2)
             self.sidb = as_bytes(k + 2, 2)
+            if self.drop_ttl:
+                self.s.ttl_tables[self.sid] = self
         return 0
 
     cdef int exists(self, const uint8_t *k, size_t kl, uint32_t h) except -1:
-        cdef sc_entry *e = sc_table_find(self.s.buf, k, kl, h)
+        cdef sc_entry *e = self.s.bfind(k, kl, h)
         if e is not NULL:
-            return sc_entry_value(e)[0] == FLAG_PUT
+            return kind(e) != FLAG_TOMB
+        if self.s.cache is not NULL and sc_table_find(self.s.cache, k, kl, h) is not NULL:
+            return 1
         return self.s.lget(k, kl) is not None
+
+    cdef int resolve_list(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                          int64_t *ts) except -1:
+        """The full list of k: base (newest put in a buffer, else LMDB base + LMDB deltas) + buffer deltas."""
+        cdef LMDBStore s = self.s
+        cdef Py_ssize_t ntiers = s.nimm + 1, i, j, nd = 0
+        cdef sc_entry **deltas
+        cdef sc_entry *e
+        cdef sc_entry *base = NULL
+        cdef int found = 0, kd
+        deltas = <sc_entry **>malloc(ntiers * sizeof(sc_entry *))
+        if deltas is NULL:
+            raise MemoryError()
+        try:
+            for i in range(ntiers):  # newest first
+                e = sc_table_find(s.buf if i == 0 else (<Memtable>s.imm[s.nimm - i]).t, k, kl, h)
+                if e is NULL:
+                    continue
+                kd = kind(e)
+                if kd == FLAG_MERGE:
+                    deltas[nd] = e
+                    nd += 1
+                    continue
+                base = e
+                break
+            if nd == 0:
+                if base is not NULL:
+                    if kind(base) != FLAG_PUT:
+                        return 0
+                    v[0] = sc_entry_value(base) + 1
+                    vl[0] = base.vlen - 1
+                    ts[0] = base.ts
+                    return 1
+                self.rb.len = 0
+                if not s.llist(k, kl, &self.rb, ts):
+                    return 0
+                v[0] = self.rb.data
+                vl[0] = self.rb.len
+                return 1
+            self.rb.len = 0
+            ts[0] = deltas[0].ts
+            if base is NULL:
+                found = s.llist(k, kl, &self.rb, ts)
+            elif kind(base) == FLAG_PUT:
+                reserve(&self.rb, base.vlen - 1)
+                memcpy(self.rb.data, sc_entry_value(base) + 1, base.vlen - 1)
+                self.rb.len = base.vlen - 1
+                ts[0] = base.ts
+            for j in range(nd - 1, -1, -1):  # oldest delta first
+                e = deltas[j]
+                reserve(&self.rb, e.vlen - 1)
+                memcpy(self.rb.data + self.rb.len, sc_entry_value(e) + 1, e.vlen - 1)
+                self.rb.len += e.vlen - 1
+            v[0] = self.rb.data
+            vl[0] = self.rb.len
+            return 1
+        finally:
+            free(deltas)
 
     cdef int do_get(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
                     int64_t *ts) except -1:
-        cdef sc_entry *e = sc_table_find(self.s.buf, k, kl, h)
+        cdef LMDBStore s = self.s
+        cdef sc_entry *e
         cdef const uint8_t *fk
         cdef size_t fkl
+        if self.lbit:
+            return self.resolve_list(k, kl, h, v, vl, ts)
+        e = sc_table_find(s.buf, k, kl, h)
+        if e is NULL and s.nimm:
+            e = s.bfind(k, kl, h)
         if e is not NULL:
-            if sc_entry_value(e)[0] != FLAG_PUT:
+            if kind(e) != FLAG_PUT:
                 return 0
             v[0] = sc_entry_value(e) + 1
             vl[0] = e.vlen - 1
             ts[0] = e.ts
             return 1
-        raw = self.s.lget(k, kl)
+        if s.cache is not NULL:
+            e = s.cache_find(k, kl, h)
+            if e is not NULL:
+                v[0] = sc_entry_value(e)
+                vl[0] = e.vlen
+                ts[0] = e.ts
+                return 1
+        raw = s.lget(k, kl)
         if raw is None:
             return 0
-        self.hold = raw
         parse_record(raw, ts, &fk, &fkl, v, vl)
+        if s.cache is not NULL:
+            e = s.cache_add(k, kl, h, v[0], vl[0], ts[0])
+            if e is not NULL:
+                v[0] = sc_entry_value(e)
+                return 1
+        self.hold = raw
         return 1
 
     cdef int do_put(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl, int64_t ts,
                     size_t pl) except -1:
         if not self.exists(k, kl, h):
             self.n += 1
-        self.s.bput(k, kl, h, FLAG_PUT, v, vl, ts, pl)
+        self.s.bput(k, kl, h, FLAG_PUT | self.lbit, v, vl, ts, pl)
         return self.s.maybe_flush()
 
     cdef int do_remove(self, const uint8_t *k, size_t kl, uint32_t h, size_t pl) except -1:
         if not self.exists(k, kl, h):
             return 0
-        self.s.bput(k, kl, h, FLAG_TOMB, NULL, 0, 0, pl)
+        self.s.bput(k, kl, h, FLAG_TOMB | self.lbit, NULL, 0, 0, pl)
         self.n -= 1
         self.s.maybe_flush()
         return 1
 
     cdef int do_touch(self, const uint8_t *k, size_t kl, uint32_t h, int64_t ts, size_t pl) except -1:
         cdef sc_entry *e = sc_table_find(self.s.buf, k, kl, h)
-        cdef const uint8_t *fk
         cdef const uint8_t *v
-        cdef size_t fkl, vl
+        cdef size_t vl
         cdef int64_t old
         if e is not NULL:
-            if sc_entry_value(e)[0] == FLAG_PUT:
+            if kind(e) == FLAG_PUT:
                 e.ts = ts
             return 0
-        raw = self.s.lget(k, kl)
-        if raw is not None:
-            parse_record(raw, &old, &fk, &fkl, &v, &vl)
-            self.s.bput(k, kl, h, FLAG_PUT, v, vl, ts, pl)
+        if self.do_get(k, kl, h, &v, &vl, &old):  # in an immutable buffer, the cache or LMDB: copy it
+            self.lb.len = 0
+            reserve(&self.lb, vl)
+            memcpy(self.lb.data, v, vl)
+            self.s.bput(k, kl, h, FLAG_PUT | self.lbit, self.lb.data, vl, ts, pl)
             self.s.maybe_flush()
         return 0
 
@@ -566,32 +1095,26 @@ cdef class LMDBStateTable(StateTable):
 
     cdef int append(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
                     int64_t ts) except -1:
+        """Merge operator: append in place in the active buffer, else store an append-delta."""
         cdef sc_entry *e
-        cdef const uint8_t *fk
-        cdef const uint8_t *ov
-        cdef size_t fkl, ovl
-        cdef int64_t ots
+        cdef int kd
         self.enter(k, kl)
+        if not self.lbit:
+            self.lbit = FLAG_LIST
+            self.layout = LAYOUT_LIST
         e = sc_table_find(self.s.buf, k, kl, h)
-        if e is not NULL and sc_entry_value(e)[0] == FLAG_PUT:
-            check(sc_table_append(self.s.buf, k, kl, h, v, vl, ts))  # in place, keeps the entry's ts
-        elif e is not NULL:
-            self.s.bput(k, kl, h, FLAG_PUT, v, vl, ts, 0)
-            self.n += 1
-        else:
-            raw = self.s.lget(k, kl)
-            if raw is None:
-                self.s.bput(k, kl, h, FLAG_PUT, v, vl, ts, 0)
+        if e is not NULL:
+            kd = kind(e)
+            if kd == FLAG_TOMB:
+                self.s.bput(k, kl, h, FLAG_PUT | FLAG_LIST, v, vl, ts, 0)
                 self.n += 1
-            else:  # read-modify-write of the spilled blob (follow-up: merge operator)
-                parse_record(raw, &ots, &fk, &fkl, &ov, &ovl)
-                self.lb.len = 0
-                reserve(&self.lb, ovl + vl)
-                memcpy(self.lb.data, ov, ovl)
-                if vl:
-                    memcpy(self.lb.data + ovl, v, vl)
-                self.lb.len = ovl + vl
-                self.s.bput(k, kl, h, FLAG_PUT, self.lb.data, self.lb.len, ots, 0)
+            else:  # a put or a delta: append in place (keeps the entry's ts)
+                check(sc_table_append(self.s.buf, k, kl, h, v, vl, ts))
+        elif self.exists(k, kl, h):
+            self.s.bput(k, kl, h, FLAG_MERGE | FLAG_LIST, v, vl, ts, 0)  # the stored list is not read
+        else:
+            self.s.bput(k, kl, h, FLAG_PUT | FLAG_LIST, v, vl, ts, 0)
+            self.n += 1
         return self.s.maybe_flush()
 
     cdef inline int mkey(self, const uint8_t *p, size_t pl, const uint8_t *uk, size_t ukl) except -1:
@@ -626,26 +1149,33 @@ cdef class LMDBStateTable(StateTable):
         self.mkey(p, pl, uk, ukl)
         return self.do_touch(self.kb.data, self.kb.len, sc_table_hash(self.kb.data, self.kb.len), ts, pl)
 
+    cdef list tiers(self):
+        """The buffers, oldest first (the active one last)."""
+        return self.s.imm + [self.s.act] if self.s.nimm else [self.s.act]
+
     cdef dict live_map(self, bytes prefix):
-        """{full key: (value bytes, ts)} of one map, buffer over LMDB."""
+        """{full key: (value bytes, ts)} of one map, newer tiers over older ones."""
         cdef int64_t ts
         cdef const uint8_t *fk
         cdef const uint8_t *v
         cdef size_t fkl, vl
         cdef sc_entry *e
         cdef bytes key
+        cdef Memtable m
         res = {}
         for key, raw in self.s.range_items(prefix):
             parse_record(raw, &ts, &fk, &fkl, &v, &vl)
             res[key] = (as_bytes(v, vl), ts)
-        keys = self.s.mindex.get(prefix)
-        if keys:
+        for m in self.tiers():
+            keys = m.mindex.get(prefix)
+            if not keys:
+                continue
             for key in keys:
-                e = sc_table_find(self.s.buf, <const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                e = sc_table_find(m.t, <const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
                                   sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)))
                 if e is NULL:
                     continue
-                if sc_entry_value(e)[0] == FLAG_PUT:
+                if kind(e) == FLAG_PUT:
                     res[key] = (as_bytes(sc_entry_value(e) + 1, e.vlen - 1), e.ts)
                 else:
                     res.pop(key, None)
@@ -669,26 +1199,29 @@ cdef class LMDBStateTable(StateTable):
         return 1 if res else 0
 
     cdef list key_bytes(self, const uint8_t *ns, size_t nsl):
-        cdef size_t pos = 0
+        cdef size_t pos
         cdef sc_entry *e
         cdef sc_kc_parts parts
         cdef bytes fk
+        cdef Memtable m
         self.s.guard()
         if self.sid < 0:
             return []
         live = set()
         for lkey, raw in self.s.sid_scan(self.sidb, None, -1):
-            live.add(record_full_key(lkey, raw) if (<bytes>raw)[0] & V_HASHED else lkey)
-        while True:
-            e = sc_table_next(self.s.buf, &pos)
-            if e is NULL:
-                break
-            if e.klen >= 4 and sc_be16_get(sc_entry_key(e) + 2) == self.sid:
-                fk = as_bytes(sc_entry_key(e), e.klen)
-                if sc_entry_value(e)[0] == FLAG_PUT:
-                    live.add(fk)
-                else:
-                    live.discard(fk)
+            live.add(record_full_key(lkey, raw) if (<bytes>raw)[0] & (V_HASHED | V_DELTA) else lkey)
+        for m in self.tiers():
+            pos = 0
+            while True:
+                e = sc_table_next(m.t, &pos)
+                if e is NULL:
+                    break
+                if e.klen >= 4 and sc_be16_get(sc_entry_key(e) + 2) == self.sid:
+                    fk = as_bytes(sc_entry_key(e), e.klen)
+                    if kind(e) != FLAG_TOMB:
+                        live.add(fk)
+                    else:
+                        live.discard(fk)
         want = as_bytes(ns, nsl)
         out = {}
         for fk in sorted(live):
@@ -701,49 +1234,22 @@ cdef class LMDBStateTable(StateTable):
         return <size_t>self.n if self.n > 0 else 0
 
     cdef size_t nbytes(self):
-        return self.kb.cap + self.lb.cap
+        return self.kb.cap + self.lb.cap + self.rb.cap
 
     # -- incremental TTL cleanup -----------------------------------------
 
-    cdef long filter_list(self, const uint8_t *v, size_t vl, int64_t ttl, int64_t now) except -1:
-        """Copy the unexpired records of a list blob into self.lb; return how many were dropped."""
-        cdef const uint8_t *p = v
-        cdef const uint8_t *end = v + vl
-        cdef uint64_t n = 0
-        cdef size_t used
-        cdef int64_t ts
-        cdef long dropped = 0
-        cdef const uint8_t *rec
-        self.lb.len = 0
-        reserve(&self.lb, vl)
-        while p < end:
-            if end - p < 9:
-                raise StateError("statecore: corrupt list state (truncated record)")
-            rec = p
-            ts = <int64_t>sc_be64_get(p)
-            used = sc_varint_get(p + 8, end, &n)
-            if used == 0 or n > <uint64_t>(end - p - 8 - used):
-                raise StateError("statecore: corrupt list state (bad record length)")
-            p += 8 + used + n
-            if sc_ttl_expired(ts, ttl, now):
-                dropped += 1
-            else:
-                memcpy(self.lb.data + self.lb.len, rec, p - rec)
-                self.lb.len += p - rec
-        return dropped
-
     cdef long expire_one(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl, int64_t ts,
                          int64_t ttl, int64_t now, int layout) except -1:
-        """Apply TTL cleanup to one live entry (its current version); return how many were dropped."""
+        """Apply TTL cleanup to one live entry (its current, resolved version); return how many were dropped."""
         cdef long dropped
         if layout == LAYOUT_LIST:
-            dropped = self.filter_list(v, vl, ttl, now)
+            dropped = filter_records(v, vl, ttl, now, &self.lb)
             if dropped:
                 if self.lb.len == 0:
-                    self.s.bput(k, kl, h, FLAG_TOMB, NULL, 0, 0, 0)
+                    self.s.bput(k, kl, h, FLAG_TOMB | self.lbit, NULL, 0, 0, 0)
                     self.n -= 1
                 else:
-                    self.s.bput(k, kl, h, FLAG_PUT, self.lb.data, self.lb.len, ts, 0)
+                    self.s.bput(k, kl, h, FLAG_PUT | self.lbit, self.lb.data, self.lb.len, ts, 0)
             return dropped
         if sc_ttl_expired(ts, ttl, now):
             self.s.bput(k, kl, h, FLAG_TOMB, NULL, 0, 0, map_prefix_len(k, kl) if layout == LAYOUT_MAP else 0)
@@ -752,7 +1258,7 @@ cdef class LMDBStateTable(StateTable):
         return 0
 
     cdef long cleanup(self, size_t n, int64_t ttl, int64_t now, int layout, sc_buf *scratch) except -1:
-        cdef size_t i, cap
+        cdef size_t i
         cdef long dropped = 0
         cdef sc_entry *e
         cdef int64_t ts
@@ -761,28 +1267,35 @@ cdef class LMDBStateTable(StateTable):
         cdef size_t fkl, vl
         cdef bytes key
         cdef uint32_t h
+        cdef sc_table *buf
         self.s.guard()
         if self.sid < 0 or self.n <= 0 or n == 0:
             return 0
-        # 1. buffer slots, round robin (entries of this state only)
+        # 1. active buffer slots, round robin (entries of this state only)
         if self.bepoch != self.s.epoch:
             self.bepoch = self.s.epoch
             self.bcursor = 0
-        cap = self.s.buf.mask + 1
-        for i in range(min(n, cap)):
-            e = sc_table_slot(self.s.buf, self.bcursor)
-            self.bcursor = (self.bcursor + 1) & self.s.buf.mask
+        buf = self.s.buf
+        for i in range(min(n, buf.mask + 1)):
+            e = sc_table_slot(buf, self.bcursor & buf.mask)
+            self.bcursor = (self.bcursor + 1) & buf.mask
             if e is NULL or e.klen < 4 or sc_be16_get(sc_entry_key(e) + 2) != self.sid:
                 continue
-            if sc_entry_value(e)[0] != FLAG_PUT:
+            if kind(e) == FLAG_TOMB:
                 continue
             if layout == LAYOUT_LIST:
-                # filter into lb, then rewrite the entry (same key: no slot moves)
+                # resolve the whole list (a delta needs its older versions), filter, rewrite the entry
                 key = as_bytes(sc_entry_key(e), e.klen)
-                dropped += self.expire_one(<const uint8_t *>PyBytes_AS_STRING(key), e.klen, e.hash,
-                                           sc_entry_value(e) + 1, e.vlen - 1, e.ts, ttl, now, layout)
+                h = e.hash
+                if self.resolve_list(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h,
+                                     &v, &vl, &ts):
+                    dropped += self.expire_one(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h,
+                                               v, vl, ts, ttl, now, layout)
+                buf = self.s.buf  # a rewrite may have frozen the buffer
+                if self.bepoch != self.s.epoch:
+                    break
             elif sc_ttl_expired(e.ts, ttl, now):
-                sc_entry_value(e)[0] = FLAG_TOMB  # in place: the key stays, its value is ignored
+                sc_entry_value(e)[0] = (sc_entry_value(e)[0] & FLAG_LIST) | FLAG_TOMB  # in place
                 self.n -= 1
                 dropped += 1
         # 2. LMDB records of this state, round robin across key groups
@@ -793,13 +1306,121 @@ cdef class LMDBStateTable(StateTable):
         else:
             self.lcursor = batch[len(batch) - 1][0]
         for lkey, raw in batch:
+            if is_delta(raw):
+                continue  # visited with its base
             parse_record(raw, &ts, &fk, &fkl, &v, &vl)
             key = lkey if fk is NULL else as_bytes(fk, fkl)
             h = sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
-            if sc_table_find(self.s.buf, <const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
-                             h) is not NULL:
-                continue  # the buffer holds the current version (visited by step 1)
+            if self.s.bfind(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h) is not NULL:
+                continue  # a buffer holds a newer version
+            if layout == LAYOUT_LIST and self.s.ndeltas:
+                if not self.resolve_list(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h,
+                                         &v, &vl, &ts):
+                    continue
             dropped += self.expire_one(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h, v, vl,
                                        ts, ttl, now, layout)
         self.s.maybe_flush()
         return dropped
+
+    # -- checkpoints -------------------------------------------------------
+
+    cdef int emit(self, SnapshotSink sink, list out, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl,
+                  int64_t ts) except -1:
+        cdef int rc
+        if sink is not None:
+            rc = sink.add(k, kl, NULL, 0, v, vl, ts)
+            if rc == -1:
+                raise MemoryError("statecore: out of memory while taking a snapshot")
+            if rc:
+                raise StateError("statecore: malformed entry found while taking a snapshot")
+        else:
+            out.append((as_bytes(k, kl), as_bytes(v, vl), ts))
+        return 0
+
+    cdef long long each_live(self, SnapshotSink sink, list out) except -1:
+        """Pass every live entry (newest version; lists resolved) to sink, or append it to out."""
+        cdef long long n = 0
+        cdef int64_t ts
+        cdef const uint8_t *fk
+        cdef const uint8_t *v
+        cdef const uint8_t *kp
+        cdef size_t fkl, vl, pos, kl
+        cdef uint32_t h
+        cdef sc_entry *e
+        cdef Memtable m
+        cdef bytes key
+        cdef long kgi
+        self.s.guard()
+        if self.sid < 0:
+            return 0
+        # 1. LMDB records of this state not shadowed by a buffer (one cursor pass, across key groups)
+        cur = self.s.txn().cursor()
+        target = b"\x00\x00" + self.sidb
+        while cur.set_range(target):
+            lkey = cur.key()
+            if lkey[2:4] != self.sidb:
+                kgi = int.from_bytes(lkey[:2], "big") + (1 if lkey[2:4] > self.sidb else 0)
+                if kgi > 0xFFFF:
+                    break
+                target = kgi.to_bytes(2, "big") + self.sidb
+                continue
+            raw = cur.value()
+            if not is_delta(raw):
+                parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+                key = lkey if fk is NULL else as_bytes(fk, fkl)
+                kp = <const uint8_t *>PyBytes_AS_STRING(key)
+                kl = <size_t>PyBytes_GET_SIZE(key)
+                h = sc_table_hash(kp, kl)
+                if self.s.bfind(kp, kl, h) is NULL:
+                    if self.lbit and self.s.ndeltas:
+                        if not self.resolve_list(kp, kl, h, &v, &vl, &ts):
+                            v = NULL
+                    if v is not NULL:
+                        self.emit(sink, out, kp, kl, v, vl, ts)
+                        n += 1
+            if not cur.next():
+                break
+            target = cur.key()
+        cur = None
+        # 2. buffered entries (their newest version only)
+        for m in self.tiers():
+            pos = 0
+            while True:
+                e = sc_table_next(m.t, &pos)
+                if e is NULL:
+                    break
+                if e.klen < 4 or sc_be16_get(sc_entry_key(e) + 2) != self.sid:
+                    continue
+                if self.s.bfind(sc_entry_key(e), e.klen, e.hash) != e or kind(e) == FLAG_TOMB:
+                    continue
+                if kind(e) == FLAG_MERGE:
+                    key = as_bytes(sc_entry_key(e), e.klen)
+                    if self.resolve_list(<const uint8_t *>PyBytes_AS_STRING(key), e.klen, e.hash, &v, &vl, &ts):
+                        self.emit(sink, out, <const uint8_t *>PyBytes_AS_STRING(key), e.klen, v, vl, ts)
+                        n += 1
+                else:
+                    self.emit(sink, out, sc_entry_key(e), e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts)
+                    n += 1
+        return n
+
+    cdef long long snapshot(self, SnapshotSink sink) except -1:
+        return self.each_live(sink, None)
+
+    cdef object consistent_copy(self):
+        # LMDB-tier checkpoints serialize synchronously (the read transaction + buffers are the cut)
+        raise NotImplementedError("the LMDB tier serializes checkpoints synchronously")
+
+    cdef int restamp(self, int64_t ts, int layout) except -1:
+        cdef list entries = []
+        cdef bytes k, v
+        cdef const uint8_t *kp
+        self.each_live(None, entries)
+        for k, v, _ in entries:
+            kp = <const uint8_t *>PyBytes_AS_STRING(k)
+            if layout == LAYOUT_LIST:
+                restamp_records(<uint8_t *>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), ts)
+            self.s.bput(kp, PyBytes_GET_SIZE(k), sc_table_hash(kp, PyBytes_GET_SIZE(k)), FLAG_PUT | self.lbit,
+                        <const uint8_t *>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), ts,
+                        map_prefix_len(kp, PyBytes_GET_SIZE(k)) if self.layout == LAYOUT_MAP else 0)
+            self.s.maybe_flush()
+        return 0

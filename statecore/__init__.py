@@ -7,6 +7,7 @@ from statecore._states import (AggregatingState, KeyedStateBackend, ListState, M
                                ValueState)
 from statecore.backends import (FsStateBackend, HashMapStateBackend, HeapKeyedStateBackend, LMDBKeyedStateBackend,
                                 LMDBStateBackend, MemoryStateBackend, RocksDBStateBackend, StateBackend)
+from statecore.backends.config import state_backend_from_config
 from statecore.checkpoint import CheckpointStorage, FileSystemCheckpointStorage, JobManagerCheckpointStorage
 from statecore.checkpoint.snapshot import CompletedCheckpoint, load_checkpoint
 from statecore.descriptors import (AggregatingStateDescriptor, ListStateDescriptor, MapStateDescriptor,
@@ -25,7 +26,7 @@ __all__ = [
     "HashMapStateBackend", "MemoryStateBackend", "FsStateBackend", "LMDBStateBackend", "RocksDBStateBackend",
     "LMDBKeyedStateBackend", "StateBackend", "KeyedStateBackend",
     "HeapKeyedStateBackend", "CheckpointStorage", "JobManagerCheckpointStorage", "FileSystemCheckpointStorage",
-    "CompletedCheckpoint", "load_checkpoint",
+    "CompletedCheckpoint", "load_checkpoint", "state_backend_from_config",
     "StateDescriptor", "ValueStateDescriptor", "ListStateDescriptor", "MapStateDescriptor",
     "ReducingStateDescriptor", "AggregatingStateDescriptor",
     "State", "ValueState", "ListState", "MapState", "ReducingState", "AggregatingState",

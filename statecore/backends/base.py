@@ -23,19 +23,25 @@ class StateBackend:
         self.checkpoint_storage = checkpoint_storage
         self.num_retained = num_retained
 
-    def create_keyed_state_backend(self, max_parallelism=128, key_group_range=None, key_serializer=None, clock=None,
+    #: max_parallelism used when none is passed (``pipeline.max-parallelism``).
+    default_max_parallelism = 128
+
+    def create_keyed_state_backend(self, max_parallelism=None, key_group_range=None, key_serializer=None, clock=None,
                                    job_id="job", operator_id="operator"):
         """A new, empty keyed backend owning ``key_group_range`` (default: all key groups).
 
+        ``max_parallelism`` defaults to 128 (or ``pipeline.max-parallelism``);
         ``clock`` is a callable returning milliseconds (default: the wall clock);
         ``key_serializer`` defaults to ``Auto()``.
         """
+        if max_parallelism is None:
+            max_parallelism = self.default_max_parallelism
         kb = self._create_keyed(max_parallelism=max_parallelism, key_group_range=key_group_range,
                                 key_serializer=key_serializer, clock=clock, job_id=job_id, operator_id=operator_id)
         kb.state_backend = self
         return kb
 
-    def restore_keyed_state_backend(self, checkpoints, max_parallelism=128, key_group_range=None, key_serializer=None,
+    def restore_keyed_state_backend(self, checkpoints, max_parallelism=None, key_group_range=None, key_serializer=None,
                                     clock=None, job_id="job", operator_id="operator"):
         """A keyed backend restored from ``checkpoints`` (CompletedCheckpoint objects or locations).
 
@@ -47,6 +53,16 @@ class StateBackend:
         from statecore.checkpoint.snapshot import restore
         return restore(self, checkpoints, max_parallelism=max_parallelism, key_group_range=key_group_range,
                        key_serializer=key_serializer, clock=clock, job_id=job_id, operator_id=operator_id)
+
+    def create_operator_state_backend(self):
+        """A new operator (non-keyed) state backend: list, union list and broadcast state."""
+        from statecore.operator_state import OperatorStateBackend
+        return OperatorStateBackend(self)
+
+    def restore_operator_state_backend(self, checkpoints, parallelism, index):
+        """Operator state of instance ``index`` of ``parallelism`` from the checkpoints of all old instances."""
+        from statecore.operator_state import restore
+        return restore(self, checkpoints, parallelism, index)
 
     def _create_keyed(self, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} must implement _create_keyed")

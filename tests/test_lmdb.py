@@ -434,3 +434,249 @@ def test_state_10x_memory_budget_stays_within_budget(tmp_path):
     growth = peak[0] - base
     print(f"peak RssAnon growth {growth / 2**20:.1f} MiB (budget {budget / 2**20:.0f} MiB)")
     assert growth <= 1.5 * budget, f"peak RssAnon growth {growth / 2**20:.1f} MiB > 1.5 x {budget / 2**20:.0f} MiB"
+
+
+# -- background flush, stalls, read cache, drop-at-flush, list merge operator, budget ---------------------
+
+
+@pytest.mark.parametrize("nbuf", [1, 2, 4])
+def test_background_flush_boundaries_every_op_reads_all_tiers(tmp_path, nbuf):
+    kb = make(tmp_path, write_buffer_size=256, max_write_buffer_number=nbuf)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Int64()))
+        m = kb.get_state(MapStateDescriptor("m", Int64(), Int64()))
+        lst = kb.get_state(ListStateDescriptor("l", Int64()))
+        seen_immutable = 0
+        for i in range(1500):
+            kb.set_current_key(i % 300)
+            v.update(i)
+            m.put(i % 7, i)
+            lst.add(i)
+            if i % 11 == 0:
+                m.remove((i + 3) % 7)
+            # read back right away: the newest version may sit in the active, an immutable buffer or LMDB
+            assert v.value() == i and m.get(i % 7) == i and lst.get()[-1] == i
+            seen_immutable = max(seen_immutable, kb.metrics()["immutable_buffers"])
+        assert seen_immutable <= nbuf - 1
+        for k in range(300):
+            kb.set_current_key(k)
+            expect = [i for i in range(1500) if i % 300 == k]
+            assert v.value() == expect[-1] and lst.get() == expect
+        kb.flush()
+        m2 = kb.metrics()
+        assert m2["buffer_entries"] == 0 and m2["immutable_buffers"] == 0 and m2["flushes"] > 20
+        assert kb.num_state_entries() == 300 + 300 + m_count(kb, m)
+    finally:
+        kb.close()
+
+
+def m_count(kb, m):
+    total = 0
+    for k in kb.get_keys("m"):
+        kb.set_current_key(k)
+        total += len(m.items())
+    return total
+
+
+def test_stalls_only_when_all_buffers_are_full(tmp_path):
+    kb = make(tmp_path, write_buffer_size=1 << 20, max_write_buffer_number=3)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Int64()))
+        for i in range(1000):  # far below one buffer: no flush, no stall
+            kb.set_current_key(i)
+            v.update(i)
+        assert kb.metrics()["stalls"] == 0 and kb.metrics()["flushes"] == 0
+        kb.flush()  # an explicit flush waits, but is no write stall
+        assert kb.metrics()["stalls"] == 0 and kb.metrics()["flushes"] == 1
+    finally:
+        kb.close()
+    kb = make(tmp_path / "one", write_buffer_size=512, max_write_buffer_number=1)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Int64()))
+        for i in range(2000):
+            kb.set_current_key(i)
+            v.update(i)
+        m = kb.metrics()
+        # one buffer: every full buffer makes the writer wait for its flush
+        assert m["flushes"] > 10 and m["stalls"] == m["flushes"] and m["immutable_buffers"] == 0
+        for i in range(0, 2000, 7):
+            kb.set_current_key(i)
+            assert v.value() == i
+    finally:
+        kb.close()
+
+
+def test_stalls_with_tiny_buffers_and_many_writes(tmp_path):
+    kb = make(tmp_path, write_buffer_size=128, max_write_buffer_number=2)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Str()))
+        for i in range(5000):
+            kb.set_current_key(i)
+            v.update("x" * 50)
+        m = kb.metrics()
+        assert m["flushes"] > 100
+        assert 0 < m["stalls"] <= m["flushes"] + 1  # the writer outruns a flush thread per 128-byte buffer
+        assert kb.num_state_entries() == 5000
+    finally:
+        kb.close()
+
+
+def test_read_cache_hits_bounded_and_invalidated_by_writes(tmp_path):
+    kb = make(tmp_path, write_buffer_size=1 << 20, cache_entries=50)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Int64()))
+        m = kb.get_state(MapStateDescriptor("m", Int64(), Str()))
+        for i in range(200):
+            kb.set_current_key(i)
+            v.update(i)
+            m.put(1, f"a{i}")
+        kb.flush()
+        for _ in range(3):
+            for i in range(20):
+                kb.set_current_key(i)
+                assert v.value() == i and m.get(1) == f"a{i}"
+        met = kb.metrics()
+        assert met["cache_misses"] == 40 and met["cache_hits"] == 80
+        for i in range(200):  # more keys than the cache holds
+            kb.set_current_key(i)
+            assert v.value() == i
+        assert kb.metrics()["cache_entries"] <= 50
+        kb.set_current_key(5)
+        v.update(500)  # newer version in the buffer shadows and evicts the cached one
+        m.remove(1)
+        assert v.value() == 500 and m.get(1) is None
+        kb.flush()
+        assert v.value() == 500 and m.get(1) is None  # after the flush: LMDB, then cache
+        assert v.value() == 500 and m.get(1) is None
+        v.clear()
+        kb.flush()
+        assert v.value() is None
+        assert kb.num_state_entries() == 398
+    finally:
+        kb.close()
+
+
+def test_drop_expired_at_flush(tmp_path, clock):
+    kb = make(tmp_path, clock=clock, write_buffer_size=1 << 20)
+    try:
+        bg = StateTtlConfig.new_builder(Time.milliseconds(100)).build()  # background cleanup on (default)
+        off = StateTtlConfig.new_builder(Time.milliseconds(100)).disable_cleanup_in_background().build()
+        v = kb.get_state(with_ttl(ValueStateDescriptor("v", Int64()), bg))
+        lst = kb.get_state(with_ttl(ListStateDescriptor("l", Int64()), bg))
+        keep = kb.get_state(with_ttl(ValueStateDescriptor("keep", Int64()), off))
+        for i in range(100):
+            kb.set_current_key(i)
+            v.update(i)
+            keep.update(i)
+            lst.add(i)
+        clock.set(60)
+        for i in range(50):
+            kb.set_current_key(i)
+            lst.add(-i)  # half of these lists keep one fresh element
+            lst.add(-i)
+        assert kb.num_state_entries() == 300 and kb.metrics()["flushes"] == 0
+        clock.set(100)  # v, keep and the first list elements have expired
+        for i in range(100, 110):
+            kb.set_current_key(i)
+            v.update(i)  # fresh entries in the buffer survive the flush
+        kb.flush()  # the compaction filter: only what this flush writes (entries already in LMDB need cleanup)
+        # v: 100 dropped, keep: not dropped (no background cleanup), lists 50..99 dropped
+        assert kb.num_state_entries() == 10 + 100 + 50
+        assert kb.metrics()["ttl_expired"] == 100 + 50 + 50  # + the expired first element of lists 0..49
+        for i in range(50):
+            kb.set_current_key(i)
+            assert lst.get() == [-i, -i] and v.value() is None
+        for i in range(100, 110):
+            kb.set_current_key(i)
+            assert v.value() == i
+    finally:
+        kb.close()
+
+
+def test_list_append_is_a_merge_operator(tmp_path):
+    kb = make(tmp_path, write_buffer_size=1 << 16)
+    store = kb._store
+    try:
+        lst = kb.get_state(ListStateDescriptor("l", Str()))
+        kb.set_current_key("big")
+        lst.update(["x" * 100] * 2000)  # a 200 KB list, spilled
+        kb.flush()
+        before = kb.metrics()["bytes_in_memory"]
+        for r in range(5):
+            for i in range(10):
+                lst.add(f"r{r}-{i}")
+            # the active buffer holds only the appended records, never the 200 KB list
+            assert kb.metrics()["bytes_in_memory"] - before < 50_000
+            kb.flush()
+        assert store.ndeltas >= 5
+        got = lst.get()
+        assert got[:2000] == ["x" * 100] * 2000 and got[2000:] == [f"r{r}-{i}" for r in range(5) for i in range(10)]
+        assert kb.num_state_entries() == 1
+        lst.update(["new"])  # replaces the base and its deltas
+        kb.flush()
+        assert lst.get() == ["new"]
+        lst.add("more")
+        kb.flush()
+        lst.add("buffered")
+        assert lst.get() == ["new", "more", "buffered"]
+        lst.clear()
+        kb.flush()
+        assert lst.get() == [] and kb.num_state_entries() == 0 and list(kb.get_keys("l")) == []
+        lst.add("again")
+        kb.flush()
+        assert lst.get() == ["again"] and list(kb.get_keys("l")) == ["big"]
+    finally:
+        kb.close()
+
+
+def test_list_deltas_with_ttl_cleanup_and_snapshot_keys(tmp_path, clock):
+    kb = make(tmp_path, clock=clock, write_buffer_size=1 << 16)
+    try:
+        cfg = ttl(100, cleanup=(50, False))
+        lst = kb.get_state(with_ttl(ListStateDescriptor("l", Int64()), cfg))
+        for k in range(20):
+            kb.set_current_key(k)
+            lst.add(0)
+        kb.flush()
+        clock.set(50)
+        for k in range(20):
+            kb.set_current_key(k)
+            lst.add(50)  # deltas over spilled bases
+        kb.flush()
+        clock.set(120)  # the bases' records expired, the deltas' not
+        for k in range(20):
+            kb.set_current_key(k)
+            assert lst.get() == [50]
+        assert kb.num_state_entries() == 20
+        clock.set(200)
+        kb.set_current_key(0)
+        for _ in range(10):
+            lst.get()
+        assert kb.num_state_entries() == 0
+        assert list(kb.get_keys("l")) == []
+    finally:
+        kb.close()
+
+
+def test_memory_budget_bounds_buffers_cache_and_index(tmp_path):
+    budget = 4 << 20
+    kb = make(tmp_path, write_buffer_size=64 << 20, memory_budget=budget, max_write_buffer_number=3,
+              cache_entries=1 << 20)
+    try:
+        assert kb.write_buffer_size * 3 <= budget // 3
+        m = kb.get_state(MapStateDescriptor("m", Int64(), Int64()))
+        peak = 0
+        for k in range(200):
+            kb.set_current_key(k)
+            for u in range(200):
+                m.put(u, u)
+            peak = max(peak, kb.metrics()["bytes_in_memory"])
+        for k in range(0, 200, 3):
+            kb.set_current_key(k)
+            for u in range(0, 200, 5):
+                assert m.get(u) == u
+            peak = max(peak, kb.metrics()["bytes_in_memory"])
+        assert peak < budget
+        assert kb.num_state_entries() == 40000
+    finally:
+        kb.close()

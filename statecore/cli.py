@@ -1,8 +1,9 @@
-"""The ``statecore`` command (``python -m statecore``): ``statecore bench``; ``inspect`` and ``demo`` follow.
+"""The ``statecore`` command (``python -m statecore``): ``bench``, ``inspect`` and ``demo``.
 
 Each subcommand is a module with ``add_parser(subparsers)`` (which sets ``func``) and a
 ``main(args) -> int``; :data:`COMMANDS` lists them in help order.  A bad command line exits with
-code 2 and one line on stderr.
+code 2 and one line on stderr; a failing run (a ``StateError`` such as a corrupt checkpoint, or an
+``OSError``) exits with code 1 and one line on stderr, never a traceback.
 """
 import argparse
 import sys
@@ -13,6 +14,16 @@ PROG = "statecore"
 def _bench():
     from statecore import _bench
     return _bench
+
+
+def _inspect():
+    from statecore import _inspect
+    return _inspect
+
+
+def _demo():
+    from statecore import demo
+    return demo
 
 
 def _not_yet(name, what):
@@ -27,14 +38,20 @@ def _not_yet(name, what):
 
 COMMANDS = {
     "bench": lambda subparsers: _bench().add_parser(subparsers),
-    "inspect": _not_yet("inspect", "describe a checkpoint or savepoint"),
-    "demo": _not_yet("demo", "run the MarketLag job end to end with a crash and a restore"),
+    "inspect": lambda subparsers: _inspect().add_parser(subparsers),
+    "demo": lambda subparsers: _demo().add_parser(subparsers),
 }
 
 
 def _fail(message, code=2):
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, Exception) and type(exc).__module__.startswith("statecore") \
+        else f"{type(exc).__name__}: {text}"
 
 
 def build_parser():
@@ -55,10 +72,18 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return 2
     from statecore._bench import UsageError
+    from statecore.errors import StateError
     try:
         return args.func(args)
     except UsageError as e:
         return _fail(f"{args.command}: {e}")
+    except BrokenPipeError:
+        # stdout closed early (e.g. `statecore inspect X --json | head`): stop quietly, like other tools.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (StateError, OSError) as e:
+        return _fail(f"{args.command}: {_one_line(e)}", 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

@@ -86,8 +86,8 @@ def test_bench_subset(tmp_path):
     (["bench", "--workloads", "bogus"], "unknown workload 'bogus'"),
     (["bench", "--keys", "0"], "--keys must be at least 1"),
     (["bench", "--json", "/nonexistent-dir/x.json"], "does not exist"),
-    (["inspect", "somewhere"], "not available yet"),
-    (["demo"], "not available yet"),
+    (["demo", "--records", "10"], "--records must be at least 500"),
+    (["demo", "--records", "1000", "--checkpoint-every", "1000"], "--checkpoint-every must be between"),
 ])
 def test_bad_command_line_is_one_line_exit_2(tmp_path, args, needle):
     r = _run(args, tmp_path)

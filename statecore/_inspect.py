@@ -21,6 +21,7 @@ from statecore.checkpoint import storage as stg
 from statecore.errors import CorruptCheckpointError
 
 DATA_MAGIC = b"SCKDATA1"  # statecore._states.DATA_MAGIC (kept here so inspecting needs no compiled state code)
+OPERATOR_DATA_MAGIC = b"SCOPDAT1"  # statecore.operator_state.OPERATOR_DATA_MAGIC
 _KC_HEAD = 4  # composite key head: BE16 key group | BE16 state id
 
 
@@ -135,6 +136,8 @@ def describe(location):
     version = struct.unpack_from(">H", raw, 8)[0]
     completed = CompletedCheckpoint.from_metadata(location, body)  # field checks, same as restore
 
+    if body.get("kind") == "operator":
+        return _describe_operator(location, body, raw, version, completed, where_meta)
     states = body.get("states")
     if not isinstance(states, list) or not all(isinstance(s, dict) and "sid" in s for s in states):
         raise CorruptCheckpointError(f"{where_meta}: missing or invalid field 'states'")
@@ -239,31 +242,96 @@ def describe(location):
     }
 
 
+def _describe_operator(location, body, raw, version, completed, where_meta):
+    """Operator-state checkpoint (``kind: "operator"``, data file ``operator.sckd``, docs/checkpoint-format.md)."""
+    files = body["files"]
+    states = body.get("states")
+    if len(files) != 1 or not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+        raise CorruptCheckpointError(f"{where_meta}: invalid operator-state metadata (files or states)")
+    f = files[0]
+    try:
+        path, length, sha = f["path"], int(f["length"]), f["sha256"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptCheckpointError(f"{where_meta}: invalid file entry {f!r}") from None
+    where = f"{location}/{path}"
+    data = stg.read_file(location, path, expected_len=length)
+    fmt.verify_file(data, length, sha, where)
+    if data[:len(OPERATOR_DATA_MAGIC)] != OPERATOR_DATA_MAGIC:
+        raise CorruptCheckpointError(f"{where}: not a statecore operator-state file (bad magic)")
+    out_states = []
+    for st in states:
+        try:
+            name, mode, pos, slen, count = st["name"], st["mode"], int(st["offset"]), int(st["length"]), \
+                int(st["count"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(f"{where_meta}: invalid operator state entry {st!r}") from None
+        end = pos + slen
+        if not len(OPERATOR_DATA_MAGIC) <= pos <= end <= len(data):
+            raise CorruptCheckpointError(f"{where}: state {name!r} lies outside the file")
+        items = 0
+        while pos < end:
+            n, pos = _varint(data, pos, end, where)
+            if n > end - pos:
+                raise CorruptCheckpointError(f"{where}: state {name!r}: element runs past its end")
+            pos += n
+            items += 1
+        per = 2 if mode == "broadcast" else 1
+        if items != count * per:
+            raise CorruptCheckpointError(f"{where}: state {name!r} has {items // per} elements, metadata says "
+                                         f"{count}")
+        sers = [_ser_name(x) for x in st.get("serializers") or []]
+        out_states.append({
+            "name": name, "type": f"operator {mode}", "mode": mode,
+            "user_key_serializer": sers[0] if mode == "broadcast" and len(sers) == 2 else None,
+            "value_serializer": sers[-1] if sers else None,
+            "ttl": None, "ttl_text": "off", "entries_metadata": count, "entries": count, "bytes": slen,
+            "expired_at_checkpoint": None,
+        })
+    meta_len = len(raw)
+    return {
+        "location": location, "kind": "operator-state checkpoint", "format": completed.format,
+        "format_version": version, "format_version_meaning": fmt.READABLE_VERSIONS.get(version),
+        "checkpoint_id": completed.checkpoint_id, "job_id": body.get("job_id"),
+        "operator_id": body.get("operator_id"), "backend": body.get("backend"), "incremental": completed.incremental,
+        "created_ms": body.get("created_ms"), "max_parallelism": body.get("max_parallelism"),
+        "key_group_range": None, "key_serializer": None, "states": out_states,
+        "entries": sum(s["entries"] for s in out_states),
+        "files": [{"path": path, "length": length, "sha256": sha, "verified": True, "shared": False,
+                   "key_groups": 0, "kind": "operator"}],
+        "metadata_bytes": meta_len, "data_bytes": length, "total_bytes": meta_len + length,
+        "key_groups": [], "key_groups_with_data": 0, "checksums_verified": True,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- output
 def render(d, out=sys.stdout):
     w = out.write
-    lo, hi = d["key_group_range"]
     w(f"{d['kind']} {d['location']}\n")
     w(f"  format            {d['format']} (metadata format version {d['format_version']}: "
       f"{d['format_version_meaning']})\n")
     w(f"  checkpoint id     {d['checkpoint_id']}{'  (incremental)' if d['incremental'] else ''}\n")
-    w(f"  backend           {d['backend']}\n")
-    w(f"  job / operator    {d['job_id']} / {d['operator_id']}\n")
-    w(f"  key groups        {lo}..{hi} of max_parallelism {d['max_parallelism']} "
-      f"({d['key_groups_with_data']} of {hi - lo + 1} hold data)\n")
-    w(f"  key serializer    {d['key_serializer']}\n")
+    if d["backend"] is not None:
+        w(f"  backend           {d['backend']}\n")
+    if d["job_id"] is not None or d["operator_id"] is not None:
+        w(f"  job / operator    {d['job_id']} / {d['operator_id']}\n")
+    if d["key_group_range"] is not None:
+        lo, hi = d["key_group_range"]
+        w(f"  key groups        {lo}..{hi} of max_parallelism {d['max_parallelism']} "
+          f"({d['key_groups_with_data']} of {hi - lo + 1} hold data)\n")
+        w(f"  key serializer    {d['key_serializer']}\n")
     created = d["created_ms"]
     when = ""
     if isinstance(created, int) and 10 ** 11 < created < 10 ** 14:  # looks like epoch milliseconds
         import datetime
         when = datetime.datetime.fromtimestamp(created / 1000, datetime.timezone.utc).strftime(
             "  (%Y-%m-%d %H:%M:%S UTC)")
-    w(f"  clock at cut      {created} ms{when}\n")
+    if created is not None:
+        w(f"  clock at cut      {created} ms{when}\n")
     w(f"  states            {len(d['states'])}\n")
     for s in d["states"]:
         sers = f"user key {s['user_key_serializer']}, value {s['value_serializer']}" if s["user_key_serializer"] \
             else f"value {s['value_serializer']}"
-        w(f"    {s['name']!s:<20} {s['type']:<10} {s['entries']:>10,} entries {_human_bytes(s['bytes']):>10}"
+        w(f"    {s['name']!s:<20} {s['type']:<18} {s['entries']:>10,} entries {_human_bytes(s['bytes']):>10}"
           f"   [{sers}]\n")
         if s["ttl"]:
             w(f"    {'':<20} ttl {s['ttl_text']}; {s['expired_at_checkpoint']:,} expired at checkpoint time\n")

@@ -182,6 +182,28 @@ def test_inspect_json(tmp_path, checkpoint):
     assert {s["name"]: s["entries"] for s in d["states"]} == {"max_signal_delta": 120, "records_seen": 40}
 
 
+def test_inspect_operator_state_checkpoint(tmp_path):
+    backend = statecore.HashMapStateBackend(
+        checkpoint_storage=statecore.FileSystemCheckpointStorage(str(tmp_path / "ckpt")))
+    ob = backend.create_operator_state_backend()
+    ob.get_list_state(statecore.ListStateDescriptor("offsets", int)).add_all([1, 2, 3])
+    rules = ob.get_broadcast_state(statecore.MapStateDescriptor("rules", str, float))
+    rules.put("a", 1.0)
+    rules.put("b", 2.0)
+    cp = ob.checkpoint(3)
+    ob.close()
+    r = _run(["inspect", cp.location, "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["kind"], d["checkpoint_id"], d["checksums_verified"]) == ("operator-state checkpoint", 3, True)
+    states = {s["name"]: s for s in d["states"]}
+    assert (states["offsets"]["mode"], states["offsets"]["entries"]) == ("split", 3)
+    assert (states["rules"]["mode"], states["rules"]["entries"]) == ("broadcast", 2)
+    assert states["rules"]["user_key_serializer"] == "Str v1" and states["rules"]["value_serializer"] == "Float64 v1"
+    r = _run(["inspect", cp.location], tmp_path)
+    assert r.returncode == 0 and "operator broadcast" in r.stdout and "rules" in r.stdout
+
+
 def _copy(src, dst):
     import shutil
     shutil.copytree(src, dst)

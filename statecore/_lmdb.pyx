@@ -67,6 +67,7 @@ from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc
                               sc_now_ms, sc_table, sc_table_append, sc_table_delete, sc_table_delete_entry,
                               sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next, sc_table_put,
                               sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
+from statecore._records cimport as_bytes, buf_init, filter_list_blob, reserve, restamp_blob
 from statecore._states cimport SnapshotSink, StateTable
 from statecore._status cimport check
 
@@ -110,20 +111,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-cdef inline bytes as_bytes(const uint8_t *p, size_t n):
-    return PyBytes_FromStringAndSize(<const char *>p, n)
-
-
-cdef inline void buf_init(sc_buf *b) noexcept:
-    b.data = NULL
-    b.len = 0
-    b.cap = 0
-
-
-cdef inline int reserve(sc_buf *b, size_t n) except -1:
-    if sc_buf_reserve(b, n) != SC_OK:
+cdef long filter_records(const uint8_t *v, size_t vl, int64_t ttl, int64_t now, sc_buf *out) except -1:
+    """Copy the unexpired list records of v into out; return how many were dropped."""
+    cdef long long dropped = 0
+    cdef int rc = filter_list_blob(v, v + vl, ttl, now, out, &dropped)
+    if rc == -1:
         raise MemoryError("statecore: out of memory")
-    return 0
+    if rc == -2:
+        raise StateError("statecore: corrupt list state (malformed record)")
+    return <long>dropped
 
 
 cdef inline int kind(sc_entry *e) noexcept:
@@ -222,47 +218,6 @@ cdef size_t map_prefix_len(const uint8_t *k, size_t kl) except? 0:
     cdef sc_kc_parts parts
     check(sc_kc_parse(k, kl, &parts))
     return <size_t>(parts.user_key - k)
-
-
-cdef long filter_records(const uint8_t *v, size_t vl, int64_t ttl, int64_t now, sc_buf *out) except -1:
-    """Copy the unexpired list records of v into out; return how many were dropped."""
-    cdef const uint8_t *p = v
-    cdef const uint8_t *end = v + vl
-    cdef uint64_t n = 0
-    cdef size_t used
-    cdef int64_t ts
-    cdef long dropped = 0
-    cdef const uint8_t *rec
-    out.len = 0
-    reserve(out, vl)
-    while p < end:
-        if end - p < 9:
-            raise StateError("statecore: corrupt list state (truncated record)")
-        rec = p
-        ts = <int64_t>sc_be64_get(p)
-        used = sc_varint_get(p + 8, end, &n)
-        if used == 0 or n > <uint64_t>(end - p - 8 - used):
-            raise StateError("statecore: corrupt list state (bad record length)")
-        p += 8 + used + n
-        if sc_ttl_expired(ts, ttl, now):
-            dropped += 1
-        else:
-            memcpy(out.data + out.len, rec, <size_t>(p - rec))
-            out.len += <size_t>(p - rec)
-    return dropped
-
-
-cdef void restamp_records(uint8_t *p, size_t n, int64_t ts) noexcept:
-    """Set the timestamp of every record of a list blob (a private copy)."""
-    cdef uint8_t *end = p + n
-    cdef uint64_t m = 0
-    cdef size_t used
-    while end - p >= 9:
-        sc_be64_put(p, <uint64_t>ts)
-        used = sc_varint_get(p + 8, end, &m)
-        if used == 0 or m > <uint64_t>(end - p - 8 - used):
-            return
-        p += 8 + used + m
 
 
 @cython.final
@@ -1418,7 +1373,7 @@ cdef class LMDBStateTable(StateTable):
         for k, v, _ in entries:
             kp = <const uint8_t *>PyBytes_AS_STRING(k)
             if layout == LAYOUT_LIST:
-                restamp_records(<uint8_t *>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), ts)
+                restamp_blob(<uint8_t *>PyBytes_AS_STRING(v), <uint8_t *>PyBytes_AS_STRING(v) + PyBytes_GET_SIZE(v), ts)
             self.s.bput(kp, PyBytes_GET_SIZE(k), sc_table_hash(kp, PyBytes_GET_SIZE(k)), FLAG_PUT | self.lbit,
                         <const uint8_t *>PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), ts,
                         map_prefix_len(kp, PyBytes_GET_SIZE(k)) if self.layout == LAYOUT_MAP else 0)

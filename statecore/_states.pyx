@@ -34,6 +34,8 @@ from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be
                               sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find, sc_table_free,
                               sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
                               sc_table_put, sc_table_slot, sc_table_clone, sc_ttl_expired, sc_varint_get, sc_varint_put)
+from statecore._records cimport (append_record, as_bytes, buf_init, filter_list_blob, read_record, reserve,
+                                restamp_blob)
 from statecore._status cimport check
 
 import numpy as np
@@ -54,86 +56,20 @@ cdef enum:
     LAYOUT_MAP = 2     # one entry per (key, namespace, user key)
 
 
-cdef inline void buf_init(sc_buf *b) noexcept:
-    b.data = NULL
-    b.len = 0
-    b.cap = 0
-
-
-cdef inline int reserve(sc_buf *b, size_t n) except -1:
-    if sc_buf_reserve(b, n) != SC_OK:
-        raise MemoryError("statecore: out of memory")
-    return 0
-
-
-cdef inline bytes as_bytes(const uint8_t *p, size_t n):
-    return PyBytes_FromStringAndSize(<const char *>p, n)
-
-
 # ------------------------------------------------------------------ list records
-
-cdef int append_record(sc_buf *out, int64_t ts, const uint8_t *p, size_t n) except -1:
-    """Append one list record ``BE64 ts | varint n | bytes`` to out."""
-    reserve(out, 8 + SC_VARINT_MAX + n)
-    sc_be64_put(out.data + out.len, <uint64_t>ts)
-    out.len += 8
-    out.len += sc_varint_put(out.data + out.len, n)
-    if n:
-        memcpy(out.data + out.len, p, n)
-    out.len += n
-    return 0
-
 
 cdef int next_record(const uint8_t **pp, const uint8_t *end, int64_t *ts, const uint8_t **e, size_t *el) except -1:
     """Read one record at *pp; 0 at the end, 1 when read.  Malformed -> StateError."""
-    cdef const uint8_t *p = pp[0]
-    cdef uint64_t n = 0
-    cdef size_t used
-    if p == end:
-        return 0
-    if end - p < 9:
-        raise StateError("statecore: corrupt list state (truncated record)")
-    ts[0] = <int64_t>sc_be64_get(p)
-    p += 8
-    used = sc_varint_get(p, end, &n)
-    if used == 0 or n > <uint64_t>(end - p - used):
-        raise StateError("statecore: corrupt list state (bad record length)")
-    p += used
-    e[0] = p
-    el[0] = n
-    pp[0] = p + n
-    return 1
-
+    cdef int rc = read_record(pp, end, ts, e, el)
+    if rc == -2:
+        raise StateError("statecore: corrupt list state (malformed record)")
+    return rc
 
 
 # ------------------------------------------------------------------ snapshots
 
 #: First bytes of every snapshot data file (format version 1).
 DATA_MAGIC = b"SCKDATA1"
-
-
-cdef inline int filter_list_blob(const uint8_t *p, const uint8_t *end, int64_t ttl, int64_t now, sc_buf *out,
-                                 long long *dropped) noexcept nogil:
-    """Copy the unexpired records of a list blob to out; -1 ENOMEM, -2 malformed."""
-    cdef uint64_t n = 0
-    cdef size_t used
-    cdef int64_t ts
-    cdef const uint8_t *rec
-    out.len = 0
-    while p < end:
-        if end - p < 9:
-            return -2
-        rec = p
-        ts = <int64_t>sc_be64_get(p)
-        used = sc_varint_get(p + 8, end, &n)
-        if used == 0 or n > <uint64_t>(end - p - 8 - used):
-            return -2
-        p += 8 + used + n
-        if sc_ttl_expired(ts, ttl, now):
-            dropped[0] += 1
-        elif sc_buf_write(out, rec, p - rec) != SC_OK:
-            return -1
-    return 0
 
 
 cdef class SnapshotSink:
@@ -404,18 +340,6 @@ cdef class StateTable:
         raise NotImplementedError(f"{type(self).__name__} cannot migrate TTL yet")
 
 
-cdef inline void restamp_blob(uint8_t *p, const uint8_t *end, int64_t ts) noexcept nogil:
-    """Set the timestamp of every record of a list blob (the blob was validated when written)."""
-    cdef uint64_t n = 0
-    cdef size_t used
-    while end - p >= 9:
-        sc_be64_put(p, <uint64_t>ts)
-        used = sc_varint_get(p + 8, end, &n)
-        if used == 0 or n > <uint64_t>(end - p - 8 - used):
-            return
-        p += 8 + used + n
-
-
 cdef int heap_snapshot(sc_table *t, SnapshotSink sink, long long *count) noexcept nogil:
     cdef size_t pos = 0, ipos
     cdef sc_entry *e
@@ -634,9 +558,9 @@ cdef class HeapStateTable(StateTable):
     cdef long _clean_list(self, sc_entry *e, int64_t ttl, int64_t now, sc_buf *scratch) except -1:
         cdef const uint8_t *p = sc_entry_value(e)
         cdef const uint8_t *end = p + e.vlen
-        cdef const uint8_t *el
-        cdef size_t ell
-        cdef int64_t ts
+        cdef const uint8_t *el = NULL
+        cdef size_t ell = 0
+        cdef int64_t ts = 0
         cdef long dropped = 0
         scratch.len = 0
         while next_record(&p, end, &ts, &el, &ell):
@@ -1522,9 +1446,9 @@ cdef class ListState(State):
         """The elements as a new list (empty when nothing is stored)."""
         cdef const uint8_t *v
         cdef const uint8_t *p
-        cdef const uint8_t *el
-        cdef size_t vl, ell
-        cdef int64_t ts, ets, now = 0
+        cdef const uint8_t *el = NULL
+        cdef size_t vl = 0, ell = 0
+        cdef int64_t ts = 0, ets = 0, now = 0
         cdef long expired = 0
         cdef KeyedStateBackend b = self.backend
         self.prepare()

@@ -1,0 +1,96 @@
+# cython: language_level=3
+"""Small shared helpers (inline, compiled into each module that cimports them).
+
+* sc_buf helpers that raise MemoryError;
+* the ListState record format shared by every storage tier and snapshots:
+  a list value is a blob of records ``BE64 ts | varint n | n element bytes``.
+  The C-level readers return -2 for a malformed blob; callers turn that into
+  StateError (stored state) or CorruptCheckpointError (checkpoint bytes).
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.string cimport memcpy
+
+from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be64_get, sc_be64_put, sc_buf, sc_buf_reserve, sc_buf_write,
+                              sc_ttl_expired, sc_varint_get, sc_varint_put)
+
+
+cdef inline void buf_init(sc_buf *b) noexcept:
+    b.data = NULL
+    b.len = 0
+    b.cap = 0
+
+
+cdef inline int reserve(sc_buf *b, size_t n) except -1:
+    if sc_buf_reserve(b, n) != SC_OK:
+        raise MemoryError("statecore: out of memory")
+    return 0
+
+
+cdef inline bytes as_bytes(const uint8_t *p, size_t n):
+    return PyBytes_FromStringAndSize(<const char *>p, n)
+
+
+cdef inline int append_record(sc_buf *out, int64_t ts, const uint8_t *p, size_t n) except -1:
+    """Append one list record ``BE64 ts | varint n | bytes`` to out."""
+    reserve(out, 8 + SC_VARINT_MAX + n)
+    sc_be64_put(out.data + out.len, <uint64_t>ts)
+    out.len += 8
+    out.len += sc_varint_put(out.data + out.len, n)
+    if n:
+        memcpy(out.data + out.len, p, n)
+    out.len += n
+    return 0
+
+
+cdef inline int read_record(const uint8_t **pp, const uint8_t *end, int64_t *ts, const uint8_t **e,
+                            size_t *el) noexcept nogil:
+    """Read the record at *pp: 1 read (and advance), 0 at the end, -2 malformed."""
+    cdef const uint8_t *p = pp[0]
+    cdef uint64_t n = 0
+    cdef size_t used
+    if p == end:
+        return 0
+    if end - p < 9:
+        return -2
+    ts[0] = <int64_t>sc_be64_get(p)
+    used = sc_varint_get(p + 8, end, &n)
+    if used == 0 or n > <uint64_t>(end - p - 8 - used):
+        return -2
+    e[0] = p + 8 + used
+    el[0] = n
+    pp[0] = p + 8 + used + n
+    return 1
+
+
+cdef inline int filter_list_blob(const uint8_t *p, const uint8_t *end, int64_t ttl, int64_t now, sc_buf *out,
+                                 long long *dropped) noexcept nogil:
+    """Copy the unexpired records of a list blob to out (replacing its contents); -1 ENOMEM, -2 malformed."""
+    cdef const uint8_t *rec
+    cdef const uint8_t *el = NULL
+    cdef size_t ell = 0
+    cdef int64_t ts = 0
+    cdef int rc
+    out.len = 0
+    while True:
+        rec = p
+        rc = read_record(&p, end, &ts, &el, &ell)
+        if rc <= 0:
+            return rc
+        if sc_ttl_expired(ts, ttl, now):
+            dropped[0] += 1
+        elif sc_buf_write(out, rec, <size_t>(p - rec)) != SC_OK:
+            return -1
+
+
+cdef inline void restamp_blob(uint8_t *p, const uint8_t *end, int64_t ts) noexcept nogil:
+    """Set the timestamp of every record of a list blob (stops at a malformed tail)."""
+    cdef const uint8_t *el = NULL
+    cdef size_t ell = 0
+    cdef int64_t old = 0
+    cdef uint8_t *rec
+    while True:
+        rec = p
+        if read_record(<const uint8_t **>&p, end, &old, &el, &ell) <= 0:
+            return
+        sc_be64_put(rec, <uint64_t>ts)

@@ -22,7 +22,7 @@ The semantics are written down in docs/semantics.md.
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.math cimport NAN
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
@@ -32,7 +32,7 @@ from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be
                               sc_entry_key, sc_entry_value, sc_kc_build_prefix, sc_kc_parse, sc_kc_parts, sc_key_group, sc_now_ms,
                               sc_status, sc_table, sc_table_append, sc_table_bytes_deep, sc_table_count_deep,
                               sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find, sc_table_free,
-                              sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
+                              sc_table_clear, sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
                               sc_table_put, sc_table_slot, sc_table_clone, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._records cimport (append_record, as_bytes, buf_init, filter_list_blob, read_record, reserve,
                                 restamp_blob)
@@ -179,9 +179,57 @@ cdef class SnapshotSink:
         return bytes(out), sections
 
 
+cdef int64_t TOMBSTONE = INT64_MIN
+#: Timestamp of a delta record that deletes a whole (state, key, namespace) entry before it is rewritten.
+TOMBSTONE_TS = TOMBSTONE
+
+
+def snapshot_delta(list prefixes, dict tables, SnapshotSink sink):
+    """Incremental checkpoint: per touched prefix, a tombstone record then its current entries.
+
+    ``tables`` maps state id -> (StateTable, layout).  Restoring applies the
+    base and then every delta in order; a tombstone clears the prefix, so
+    removed map entries and cleared lists do not come back.  Returns the
+    number of records.
+    """
+    cdef bytes p
+    cdef const uint8_t *pp
+    cdef const uint8_t *v
+    cdef size_t vl
+    cdef int64_t ts
+    cdef uint32_t h
+    cdef StateTable table
+    cdef bytes ukb, vb
+    cdef long long n = 0
+    for p in prefixes:
+        entry = tables.get(sc_be16_get(<const uint8_t *>PyBytes_AS_STRING(p) + 2))
+        if entry is None:
+            continue
+        table, layout = entry
+        pp = <const uint8_t *>PyBytes_AS_STRING(p)
+        h = sc_table_hash(pp, PyBytes_GET_SIZE(p))
+        check_sink(sink.add(pp, PyBytes_GET_SIZE(p), NULL, 0, NULL, 0, TOMBSTONE))
+        n += 1
+        if layout == LAYOUT_MAP:
+            for ukb, vb, ts in table.mitems(pp, PyBytes_GET_SIZE(p), h):
+                check_sink(sink.add(pp, PyBytes_GET_SIZE(p), <const uint8_t *>PyBytes_AS_STRING(ukb),
+                                    PyBytes_GET_SIZE(ukb), <const uint8_t *>PyBytes_AS_STRING(vb),
+                                    PyBytes_GET_SIZE(vb), ts))
+                n += 1
+        elif table.get(pp, PyBytes_GET_SIZE(p), h, &v, &vl, &ts):
+            check_sink(sink.add(pp, PyBytes_GET_SIZE(p), NULL, 0, v, vl, ts))
+            n += 1
+    return n
+
+
 def snapshot_table(StateTable table, SnapshotSink sink):
     """Pass every entry of ``table`` to ``sink`` (heap tables: GIL released); returns the count."""
     return table.snapshot(sink)
+
+
+def table_entries(StateTable table):
+    """Entries stored in ``table`` (as counted by num_state_entries)."""
+    return table.count()
 
 
 def consistent_copy(StateTable table):
@@ -252,7 +300,15 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
         kbuf.len = kl
         if sc_kc_parse(kbuf.data, kl, &parts) != SC_OK:
             raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
-        if layout == LAYOUT_MAP:
+        if ts == TOMBSTONE:
+            # A delta's tombstone: the (state, key, namespace) entry is rewritten from scratch.
+            if vl or parts.uklen:
+                raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
+            if layout == LAYOUT_MAP:
+                table.mclear(kbuf.data, kl, sc_table_hash(kbuf.data, kl))
+            else:
+                table.remove(kbuf.data, kl, sc_table_hash(kbuf.data, kl))
+        elif layout == LAYOUT_MAP:
             plen = kl - parts.uklen
             table.mput(kbuf.data, plen, sc_table_hash(kbuf.data, plen), parts.user_key, parts.uklen, v, vl, ts)
         elif parts.uklen:
@@ -633,6 +689,9 @@ cdef class KeyedStateBackend:
     cdef public int64_t restore_clock_ms   # clock reading at restore (TTL switched on at restore stamps it)
     cdef public object state_backend       # the StateBackend that made this (its checkpoint storage, options)
     cdef public object checkpoint_lock     # taken while a snapshot copies state (see checkpoint/snapshot.py)
+    cdef sc_table *dirty        # incremental checkpoints: prefixes touched since the last checkpoint (else NULL)
+    cdef uint64_t dirty_epoch   # bumped when the dirty set is taken, so states mark their prefix again
+    cdef public object chain    # incremental checkpoints: files of the current chain (see checkpoint/snapshot.py)
 
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.kbuf)
@@ -669,6 +728,8 @@ cdef class KeyedStateBackend:
         self.operator_id = str(operator_id)
 
     def __dealloc__(self):
+        sc_table_free(self.dirty)
+        self.dirty = NULL
         sc_buf_free(&self.kbuf)
         sc_buf_free(&self.tmpbuf)
         sc_buf_free(&self.vbuf)
@@ -832,6 +893,39 @@ cdef class KeyedStateBackend:
     def _now_ms(self):
         return self.now()
 
+    # -- incremental checkpoints: the set of (state, key, namespace) prefixes touched since the last one
+
+    def _enable_incremental(self):
+        """Track touched prefixes so that checkpoints can upload only what changed (LMDB tier option)."""
+        if self.dirty is NULL:
+            self.dirty = sc_table_new(1024, 0)
+            if self.dirty is NULL:
+                raise MemoryError()
+            self.dirty_epoch = 1
+
+    @property
+    def incremental(self):
+        return self.dirty is not NULL
+
+    cdef int mark_dirty(self, const uint8_t *p, size_t pl, uint32_t h) except -1:
+        return check(sc_table_put(self.dirty, p, pl, h, NULL, 0, 0, NULL))
+
+    def _take_dirty(self):
+        """The touched prefixes (list of bytes), resetting the set: the start of the next delta."""
+        cdef size_t pos = 0
+        cdef sc_entry *e
+        out = []
+        if self.dirty is NULL:
+            return out
+        while True:
+            e = sc_table_next(self.dirty, &pos)
+            if e is NULL:
+                break
+            out.append(as_bytes(sc_entry_key(e), e.klen))
+        sc_table_clear(self.dirty)
+        self.dirty_epoch += 1
+        return out
+
     def checkpoint(self, checkpoint_id):
         """Take a checkpoint into the backend's checkpoint storage; durable when it returns.
 
@@ -915,6 +1009,10 @@ cdef class KeyedStateBackend:
         for r in self.restored.values():
             (<StateTable>r[2]).release()
         self.every_record = []
+        executor = getattr(self.chain, "executor", None)
+        if executor is not None:
+            # Pending asynchronous checkpoints work on copies and finish; no new ones start.
+            executor.shutdown(wait=False)
 
     def __enter__(self):
         return self
@@ -946,6 +1044,7 @@ cdef class State:
     cdef bint cleanup_every_record
     cdef int layout
     cdef int64_t now   # clock reading of the current access (read once per access when TTL is on)
+    cdef uint64_t dirty_epoch  # backend dirty epoch in which the current prefix was marked (0: not marked)
 
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.nsbuf)
@@ -984,6 +1083,12 @@ cdef class State:
                                      self.nsbuf.data, self.nsbuf.len))
             self.phash = sc_table_hash(self.pbuf.data, self.pbuf.len)
             self.pver = b.key_version
+            self.dirty_epoch = 0
+        if b.dirty is not NULL and self.dirty_epoch != b.dirty_epoch:
+            # Incremental checkpoints: every accessed (key, namespace) goes into the next delta
+            # (reads included: they may refresh or drop TTL entries; over-approximation is safe).
+            b.mark_dirty(self.pbuf.data, self.pbuf.len, self.phash)
+            self.dirty_epoch = b.dirty_epoch
         if self.ttl:
             self.now = b.now()
             if self.cleanup_size:
@@ -1111,6 +1216,16 @@ cdef class ValueState(State):
             sc_buf_free(&kb)
         return 0
 
+    cdef int mark_batch_dirty(self, keys) except -1:
+        """Incremental checkpoints: put the prefixes of every key of a batch into the dirty set."""
+        cdef list prefixes = []
+        cdef bytes p
+        self.batch_keys(keys.tolist() if isinstance(keys, np.ndarray) else keys, &self.backend.rbuf, prefixes)
+        for p in prefixes:
+            self.backend.mark_dirty(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p),
+                                    sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(p), PyBytes_GET_SIZE(p)))
+        return 0
+
     cdef int fast_kind(self, keys):
         """Value kind when the int64 fast path applies (keys an integer ndarray), else 0."""
         if self.vser.kind != KIND_FLOAT64 and self.vser.kind != KIND_INT64:
@@ -1137,6 +1252,8 @@ cdef class ValueState(State):
         self.backend.check_open()
         if self.ttl:
             self.now = self.backend.now()
+        if self.backend.dirty is not NULL:
+            self.mark_batch_dirty(keys)
         if len(keys) != len(values):
             raise ValueError(f"update_batch needs as many values as keys ({len(values)} != {len(keys)})")
         kind = self.fast_kind(keys)
@@ -1181,6 +1298,8 @@ cdef class ValueState(State):
         Reads obey TTL exactly as ``value()`` does.
         """
         self.backend.check_open()
+        if self.backend.dirty is not NULL and self.ttl:
+            self.mark_batch_dirty(keys)  # TTL reads may refresh or drop entries
         if fill is _MISSING:
             fill = self.default
         kind = self.fast_kind(keys)

@@ -39,6 +39,8 @@ class StateBackend:
         kb = self._create_keyed(max_parallelism=max_parallelism, key_group_range=key_group_range,
                                 key_serializer=key_serializer, clock=clock, job_id=job_id, operator_id=operator_id)
         kb.state_backend = self
+        if getattr(self, "incremental", False):
+            kb._enable_incremental()
         return kb
 
     def restore_keyed_state_backend(self, checkpoints, max_parallelism=None, key_group_range=None, key_serializer=None,

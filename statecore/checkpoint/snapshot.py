@@ -20,28 +20,17 @@ self-contained "canonical" snapshot, with ``cleanup_full_snapshot`` applied.
 """
 import concurrent.futures
 import dataclasses
-import threading
+import re
+import uuid
 
-from statecore._states import DATA_MAGIC, SnapshotSink, consistent_copy, load_section, snapshot_table
+from statecore._states import (DATA_MAGIC, SnapshotSink, consistent_copy, load_section, snapshot_delta,
+                               snapshot_table, table_entries)
 from statecore.checkpoint import format as fmt
 from statecore.checkpoint import storage as stg
 from statecore.errors import CheckpointError, CorruptCheckpointError, StateMigrationError
 from statecore.keygroups import KeyGroupRange
 
 DATA_FILE = "data.sckd"
-
-_executor = None
-_executor_lock = threading.Lock()
-
-
-def _background():
-    """One shared writer thread pool for asynchronous checkpoints (I/O bound, GIL released in C loops)."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="statecore-ckpt")
-        return _executor
-
 
 @dataclasses.dataclass(frozen=True)
 class CompletedCheckpoint:
@@ -65,12 +54,46 @@ class CompletedCheckpoint:
         try:
             kgr = KeyGroupRange(*body["key_group_range"])
             files = body["files"]
-            size = sum(int(f["length"]) for f in files)
+            _check_files(files, location)
+            full = sum(int(f["length"]) for f in files)
             return cls(checkpoint_id=int(body["checkpoint_id"]), location=location, key_group_range=kgr,
-                       size_bytes=size, full_size_bytes=size, incremental=bool(body.get("incremental", False)),
+                       size_bytes=int(body.get("size_bytes", full)), full_size_bytes=full, incremental=bool(body.get("incremental", False)),
                        format=str(body["format"]), metadata=body)
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"{location}/_metadata: missing or invalid field ({exc})") from None
+
+
+_MAX_OFFSET = 1 << 62
+_CHK_FOLDER = re.compile(r"chk-(\d+)-")
+
+
+def _int_field(value, lo=0, hi=_MAX_OFFSET):
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value < hi
+
+
+def _check_files(files, location):
+    """The per-file entries every reader relies on: well-typed, in range; else CorruptCheckpointError."""
+    where = f"{location}/_metadata"
+    if not isinstance(files, list):
+        raise CorruptCheckpointError(f"{where}: 'files' is not a list")
+    for f in files:
+        ok = (isinstance(f, dict) and isinstance(f.get("path"), str) and _int_field(f.get("length"))
+              and isinstance(f.get("sha256"), str) and isinstance(f.get("key_groups"), list)
+              and all(isinstance(sec, list) and len(sec) == 4 and all(_int_field(x) for x in sec)
+                      for sec in f["key_groups"]))
+        if not ok:
+            raise CorruptCheckpointError(f"{where}: malformed file entry {str(f)[:200]}")
+
+
+def _check_keyed_states(body, location):
+    where = f"{location}/_metadata"
+    if body.get("kind", "keyed") != "keyed":
+        raise CorruptCheckpointError(f"{where}: a {body.get('kind')!r} checkpoint, not keyed state")
+    states = body.get("states")
+    if not isinstance(states, list) or not all(
+            isinstance(st, dict) and isinstance(st.get("name"), str) and _int_field(st.get("sid"), hi=1 << 16)
+            for st in states):
+        raise CorruptCheckpointError(f"{where}: malformed 'states'")
 
 
 def load_checkpoint(location):
@@ -78,15 +101,57 @@ def load_checkpoint(location):
     if isinstance(location, CompletedCheckpoint):
         location = location.location
     body = fmt.decode_metadata(stg.read_metadata(location), f"{location}/_metadata")
-    return CompletedCheckpoint.from_metadata(location, body)
+    completed = CompletedCheckpoint.from_metadata(location, body)
+    # A chk-<id>-<instance> folder is named by the storage after its checkpoint id: metadata
+    # naming another id was copied or swapped in from another checkpoint.
+    m = _CHK_FOLDER.match(location.rstrip("/").rsplit("/", 1)[-1])
+    if m and completed.format == "native" and int(m.group(1)) != completed.checkpoint_id:
+        raise CorruptCheckpointError(f"{location}/_metadata: metadata of checkpoint {completed.checkpoint_id} "
+                                     f"in the folder of checkpoint {m.group(1)} (misplaced file)")
+    return completed
 
 
 # ---------------------------------------------------------------- taking snapshots
 
-class _Cut:
-    """A consistent cut of a keyed backend: state metadata + tables (or copies) to serialize."""
+#: Incremental checkpoints: a new full base after this many deltas (bounds restore work and chain length).
+MAX_DELTAS = 20
 
-    def __init__(self, kb, copy):
+
+class _Chain:
+    """Per keyed backend checkpoint bookkeeping.
+
+    Every checkpoint of one keyed backend runs on its own single-thread
+    executor, so checkpoints complete in the order they were taken (an
+    incremental delta is relative to the previous checkpoint's cut).
+    ``files`` is the current incremental chain (base + deltas) and ``created``
+    the shared files this backend wrote (deleted once no retained checkpoint
+    references them).  ``broken`` forces the next checkpoint to be full after a
+    failure.
+    """
+
+    def __init__(self):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecore-ckpt")
+        self.files = None      # chain as of the last completed checkpoint (None: no usable base)
+        self.created = set()
+        self.broken = False    # a checkpoint failed: the next cut is a full one
+        self.has_base = False  # a full cut was taken (at cut time: deltas may follow)
+        self.deltas = 0        # delta cuts since the last full cut
+
+
+def _chain(kb):
+    if kb.chain is None:
+        kb.chain = _Chain()
+    return kb.chain
+
+
+class _Cut:
+    """A consistent cut of a keyed backend: state metadata + tables (or copies) to serialize.
+
+    With incremental checkpoints on, the cut also takes the set of prefixes
+    touched since the previous cut (``delta``); ``delta`` is None for a full one.
+    """
+
+    def __init__(self, kb, copy, incremental=False):
         self.max_parallelism = kb.max_parallelism
         self.kgr = kb.key_group_range
         self.job_id, self.operator_id = kb.job_id, kb.operator_id
@@ -95,34 +160,42 @@ class _Cut:
         self.backend = type(kb.state_backend).__name__ if kb.state_backend is not None else type(kb).__name__
         self.tables = []
         self.sink = None
+        self.delta = None
         for meta, layout, table in kb._snapshot_tables():
             if copy:
                 table = consistent_copy(table)
             self.tables.append((meta, layout, table))
+        if kb.incremental:
+            chain = _chain(kb)
+            dirty = kb._take_dirty()  # every checkpoint, full or not, starts a new delta
+            if incremental and chain.has_base and not chain.broken and chain.deltas < MAX_DELTAS:
+                self.delta = dirty
+                chain.deltas += 1
+            else:
+                chain.has_base, chain.deltas, chain.broken = True, 0, False
 
     def serialize(self, cleanup_expired):
         """Fill the sink from the tables (the expensive part; heap tables release the GIL)."""
         sink = SnapshotSink(self.kgr.start, self.kgr.end)
         states = []
-        for meta, layout, table in self.tables:
-            ttl = meta["ttl"]
-            drop = ttl["ttl_ms"] if ttl and cleanup_expired and ttl.get("cleanup_full_snapshot") else 0
-            sink.set_state(drop, self.now, layout)
-            before = sink.records
-            snapshot_table(table, sink)
-            states.append(dict(meta, entries=sink.records - before))
+        if self.delta is not None:
+            sink.set_state(0, self.now, 0)
+            snapshot_delta(self.delta, {m["sid"]: (t, layout) for m, layout, t in self.tables}, sink)
+            states = [dict(m, entries=table_entries(t)) for m, _, t in self.tables]
+        else:
+            for meta, layout, table in self.tables:
+                ttl = meta["ttl"]
+                drop = ttl["ttl_ms"] if ttl and cleanup_expired and ttl.get("cleanup_full_snapshot") else 0
+                sink.set_state(drop, self.now, layout)
+                before = sink.records
+                snapshot_table(table, sink)
+                states.append(dict(meta, entries=sink.records - before))
         self.sink, self.states, self.tables = sink, states, None
         return self
 
 
-def _ttl_full_snapshot_flag(meta):
-    return bool(meta and meta.get("cleanup_full_snapshot"))
-
-
-def _write(cut, writer, checkpoint_id, fmt_name):
-    data, sections = cut.sink.collect()
-    name, length, sha = writer.write_file(DATA_FILE, data)
-    body = {
+def _body(cut, checkpoint_id, fmt_name, files, incremental, size):
+    return {
         "format": fmt_name,
         "checkpoint_id": checkpoint_id,
         "job_id": cut.job_id,
@@ -131,12 +204,37 @@ def _write(cut, writer, checkpoint_id, fmt_name):
         "max_parallelism": cut.max_parallelism,
         "key_group_range": [cut.kgr.start, cut.kgr.end],
         "key_serializer": cut.key_serializer,
-        "incremental": False,
+        "incremental": incremental,
         "created_ms": cut.now,
         "states": cut.states,
-        "files": [{"path": name, "length": length, "sha256": sha, "key_groups": sections}],
+        "files": files,
+        "size_bytes": size,
+        "full_size_bytes": sum(f["length"] for f in files),
     }
+
+
+def _write(cut, writer, checkpoint_id, fmt_name):
+    """A self-contained checkpoint: one data file in the checkpoint folder."""
+    data, sections = cut.sink.collect()
+    name, length, sha = writer.write_file(DATA_FILE, data)
+    files = [{"path": name, "length": length, "sha256": sha, "key_groups": sections}]
+    body = _body(cut, checkpoint_id, fmt_name, files, False, length)
     location = writer.commit(fmt.encode_metadata(body))
+    return CompletedCheckpoint.from_metadata(location, body)
+
+
+def _write_chained(kb, storage, cut, writer, checkpoint_id):
+    """Incremental mode: data goes to the shared folder; the metadata lists the chain (base + deltas)."""
+    chain = _chain(kb)
+    data, sections = cut.sink.collect()
+    name = f"{_instance(kb)}-{uuid.uuid4().hex}.sckd"
+    relpath, length, sha = storage.write_shared_file(cut.job_id, cut.operator_id, name, data)
+    chain.created.add(relpath)
+    entry = {"path": relpath, "length": length, "sha256": sha, "key_groups": sections}
+    files = (list(chain.files) if cut.delta is not None else []) + [entry]
+    body = _body(cut, checkpoint_id, "native", files, cut.delta is not None, length)
+    location = writer.commit(fmt.encode_metadata(body))
+    chain.files = files
     return CompletedCheckpoint.from_metadata(location, body)
 
 
@@ -157,29 +255,60 @@ def _check_id(checkpoint_id):
 
 
 def _retain(kb, storage, completed):
-    """Keep the newest ``num_retained`` checkpoints of this instance; delete older ones after the commit."""
+    """Keep the newest ``num_retained`` checkpoints of this instance; delete older ones after the commit.
+
+    Shared (incremental) files this backend wrote are deleted only when no
+    retained checkpoint references them.
+    """
     keep = getattr(kb.state_backend, "num_retained", 1)
     suffix = "-" + _instance(kb)
     mine = [loc for loc in storage.list_checkpoints(kb.job_id, kb.operator_id) if loc.rstrip("/").endswith(suffix)]
-    for loc in mine[:-keep] if keep > 0 else []:
+    for loc in mine[:-keep]:
         if loc != completed.location:
             storage.delete_location(loc)
+    chain = kb.chain
+    if chain is not None and chain.created:
+        referenced = set()
+        for loc in mine[-keep:] + [completed.location]:
+            try:
+                referenced.update(f["path"] for f in load_checkpoint(loc).metadata["files"])
+            except CheckpointError:
+                continue  # a concurrently deleted or foreign checkpoint references nothing of ours
+        for relpath in sorted(chain.created - referenced):
+            storage.delete_shared(kb.job_id, kb.operator_id, relpath)
+            chain.created.discard(relpath)
 
 
-def _finish(kb, storage, cut, checkpoint_id):
-    writer = storage.create_writer(cut.job_id, cut.operator_id, checkpoint_id, _instance(kb))
-    with writer:
-        completed = _write(cut, writer, checkpoint_id, "native")
-    _retain(kb, storage, completed)
-    return completed
+def _submit(kb, storage, cut, checkpoint_id):
+    chain = _chain(kb)
+
+    def work():
+        try:
+            if kb.incremental and cut.delta is not None and chain.files is None:
+                raise CheckpointError(f"checkpoint {checkpoint_id} is incremental on top of a checkpoint that "
+                                      "failed; the next checkpoint will be a full one")
+            if cut.sink is None:
+                cut.serialize(cleanup_expired=True)
+            writer = storage.create_writer(cut.job_id, cut.operator_id, checkpoint_id, _instance(kb))
+            with writer:
+                if kb.incremental:
+                    completed = _write_chained(kb, storage, cut, writer, checkpoint_id)
+                else:
+                    completed = _write(cut, writer, checkpoint_id, "native")
+        except BaseException:
+            chain.files, chain.broken = None, True
+            raise
+        _retain(kb, storage, completed)
+        return completed
+    return chain.executor.submit(work)
 
 
 def checkpoint(kb, checkpoint_id):
-    """Synchronous checkpoint: durable when it returns."""
+    """Synchronous checkpoint: durable when it returns (after any pending asynchronous ones)."""
     _check_id(checkpoint_id)
     storage = _storage(kb)
-    cut = _Cut(kb, copy=False).serialize(cleanup_expired=True)
-    return _finish(kb, storage, cut, checkpoint_id)
+    cut = _Cut(kb, copy=False, incremental=True).serialize(cleanup_expired=True)
+    return _submit(kb, storage, cut, checkpoint_id).result()
 
 
 def checkpoint_async(kb, checkpoint_id):
@@ -187,20 +316,16 @@ def checkpoint_async(kb, checkpoint_id):
 
     Updates made after this returns are not in the checkpoint.  A backend whose
     tables cannot be copied (``consistent_copy`` not supported) serializes the
-    cut synchronously and only writes in the background.
+    cut synchronously and only writes in the background.  Checkpoints of one
+    keyed backend complete in the order they were taken.
     """
     _check_id(checkpoint_id)
     storage = _storage(kb)
     try:
-        cut = _Cut(kb, copy=True)
+        cut = _Cut(kb, copy=True, incremental=True)
     except NotImplementedError:
-        cut = _Cut(kb, copy=False).serialize(cleanup_expired=True)
-
-    def work():
-        if cut.sink is None:
-            cut.serialize(cleanup_expired=True)
-        return _finish(kb, storage, cut, checkpoint_id)
-    return _background().submit(work)
+        cut = _Cut(kb, copy=False, incremental=True).serialize(cleanup_expired=True)
+    return _submit(kb, storage, cut, checkpoint_id)
 
 
 def savepoint(kb, uri):
@@ -234,6 +359,7 @@ def restore(backend, checkpoints, **kwargs):
         payloads = []
         for c in completed:
             body = c.metadata
+            _check_keyed_states(body, c.location)
             if body.get("max_parallelism") != kb.max_parallelism:
                 raise StateMigrationError(
                     f"checkpoint {c.location} was taken with max_parallelism={body.get('max_parallelism')}, "

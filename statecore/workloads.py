@@ -823,3 +823,145 @@ register(Workload(
     {"lmdb": spill_lmdb, "py-lmdb": spill_py_lmdb, "rocksdict": spill_rocksdict},
     skip_notes={b: "in-memory backend: no spill tier"
                 for b in ("dict", "hashmap")}))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint and restore (issue 5).  Throughput workloads: ``run()`` returns the BYTES it moved
+# (unit "byte"), so ops/s reads as bytes/s.  Each run holds its working state and a checkpoint
+# directory on local disk (``directory``, default a fresh temporary directory removed on close).
+#
+# They are not in ``WORKLOADS``: ``statecore bench`` compares every workload against a dict baseline
+# (ratio_to_dict) and its tests expect each registered workload to run on the dict row, which has no
+# checkpoint.  bench/test_bench_checkpoint.py runs them, with the disk's own write bandwidth measured
+# in the same run (``disk_write``) for the ratio.
+# --------------------------------------------------------------------------------------------------
+def _checkpoint_dir(directory):
+    if directory is None:
+        path = tempfile.mkdtemp(prefix="statecore-bench-ckpt-")
+        return path, lambda: shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="ckpt-", dir=directory)
+    return path, lambda: shutil.rmtree(path, ignore_errors=True)
+
+
+def _filled_value_state(n, seed, backend_name, root):
+    """A keyed backend (checkpoint storage on local disk under ``root``) with n int64 -> float64 ValueState entries."""
+    opts = {"db_path": os.path.join(root, "db")} if backend_name == "lmdb" else {}
+    backend = state_backend(backend_name, **opts)
+    backend.checkpoint_storage = sc.FileSystemCheckpointStorage(os.path.join(root, "chk"))
+    kb = backend.create_keyed_state_backend(max_parallelism=128)
+    st = kb.get_state(sc.ValueStateDescriptor("v", sc.Float64()))
+    insert, _ = random_keys(n, seed)
+    st.update_batch(np.array(insert, dtype=np.int64), np.random.default_rng(seed).random(n))
+    if backend_name == "lmdb":
+        kb.flush()  # a checkpoint of the LMDB tier reads what is in LMDB, not a write buffer being filled
+    return backend, kb
+
+
+def checkpoint_value_state(n, seed=1, backend="hashmap", directory=None):
+    """``kb.checkpoint(id)`` of n ValueState entries to local disk: durable (fsynced) when it returns.
+
+    ``run()`` returns the bytes the checkpoint wrote; ``run.last`` is its CompletedCheckpoint.
+    Retention (1) deletes the previous checkpoint inside the call, as in production.
+    """
+    root, rm = _checkpoint_dir(directory)
+    _, kb = _filled_value_state(n, seed, backend, root)
+    ids = iter(range(1, 1 << 62))
+
+    def run():
+        run.last = kb.checkpoint(next(ids))
+        return run.last.size_bytes
+    run.last = None
+    return _closing(run, kb.close, rm)
+
+
+def restore_value_state(n, seed=1, backend="hashmap", directory=None):
+    """``restore_keyed_state_backend`` of a checkpoint of n ValueState entries (verify + load), then close.
+
+    ``run()`` returns the checkpoint's size in bytes (what restore read and verified).
+    """
+    root, rm = _checkpoint_dir(directory)
+    sb, kb = _filled_value_state(n, seed, backend, root)
+    completed = kb.checkpoint(1)
+    kb.close()
+
+    def run():
+        restored = sb.restore_keyed_state_backend([completed.location], max_parallelism=128)
+        try:
+            got = restored.num_state_entries()
+        finally:
+            restored.close()
+        assert got == n, (got, n)
+        return completed.size_bytes
+    run.completed = completed
+    return _closing(run, rm)
+
+
+def checkpoint_async_sync_part(n, seed=1, backend="hashmap", directory=None):
+    """The synchronous part of ``checkpoint_async``: ``run()`` returns when the call returns (the cut is taken).
+
+    The background write is NOT part of ``run()``: call ``run.drain()`` (untimed, e.g. as
+    pytest-benchmark's ``setup``) to wait for the pending checkpoint before the next pass.
+    ``run()`` returns n (entries in the cut).
+    """
+    root, rm = _checkpoint_dir(directory)
+    _, kb = _filled_value_state(n, seed, backend, root)
+    ids = iter(range(1, 1 << 62))
+    pending = []
+
+    def drain():
+        while pending:
+            pending.pop().result()
+
+    def run():
+        drain()
+        pending.append(kb.checkpoint_async(next(ids)))
+        return n
+
+    def close():
+        drain()
+        kb.close()
+        rm()
+    run.drain = drain
+    run.close = close
+    return run
+
+
+def disk_write(nbytes, directory=None, chunk=1 << 20):
+    """This disk's sequential write bandwidth: write ``nbytes`` to a new file in ``directory`` and fsync it.
+
+    ``run()`` returns nbytes.  Each pass writes a fresh file (unlinked after the pass) from one
+    random buffer, in ``chunk``-sized writes, then fsyncs it and its directory, as a checkpoint does.
+    """
+    root, rm = _checkpoint_dir(directory)
+    buf = memoryview(np.random.default_rng(1).bytes(min(chunk, max(1, nbytes))))
+    passes = iter(range(1 << 62))
+
+    def run():
+        path = os.path.join(root, f"seq-{next(passes)}.bin")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            left = nbytes
+            while left > 0:
+                left -= os.write(fd, buf[:min(left, len(buf))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        os.unlink(path)
+        return nbytes
+    return _closing(run, rm)
+
+
+CHECKPOINT_WORKLOADS = {
+    "checkpoint": ("checkpoint(id) of n ValueState entries to local files, durable on return (bytes written)",
+                   checkpoint_value_state),
+    "restore": ("restore_keyed_state_backend of that checkpoint: verify every file, then load (bytes read)",
+                restore_value_state),
+    "checkpoint-async-sync-part": ("time until checkpoint_async(id) returns (the consistent cut), n entries",
+                                   checkpoint_async_sync_part),
+}

@@ -4,7 +4,6 @@ One test body runs against every kind of location: plain path, file://, memory:/
 S3 (moto's ThreadedMotoServer on loopback, through s3fs) and jobmanager://.
 """
 import gc
-import logging
 import os
 import struct
 import uuid
@@ -22,30 +21,7 @@ KINDS = ["local", "file", "memory", "s3", "jobmanager"]
 
 # --------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A moto S3 server on 127.0.0.1 (never 0.0.0.0), port chosen by the OS."""
-    server_mod = pytest.importorskip("moto.server", reason="moto[server] not installed (pip install 'moto[server]')")
-    pytest.importorskip("s3fs", reason="s3fs not installed (pip install s3fs)")
-    pytest.importorskip("boto3", reason="boto3 not installed (comes with moto)")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3_options(s3_server):
-    import boto3
-    bucket = f"sc-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
-    opts = {"anon": False, "key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_server}}
-    return bucket, opts
+# s3_server / s3_options: tests/conftest.py (shared with test_checkpoint_s3.py)
 
 
 def make_storage(kind, tmp_path, request):

@@ -1,0 +1,415 @@
+"""kill -9 crash test of checkpoints (RELIABILITY.md T1, with T1b power-loss emulation).
+
+A writer CHILD (tests/crash_writer.py) applies a deterministic op stream (ValueState,
+ListState and MapState over 2,000 keys) and checkpoints every 50-300 ops, alternating
+``checkpoint`` and ``checkpoint_async(...).result()``, printing ``ACK <id> <op_index>``
+after each one returns.  The PARENT is the oracle: it SIGKILLs the child, either
+after a random delay (blackbox) or through a whitebox kill point the child arms with
+``statecore.checkpoint.storage.set_io_hook`` (before the data file is written, after
+it is fsynced, at either directory fsync, before the metadata temp file is written,
+after it is fsynced, right after ``_metadata`` is published, before a retention
+delete).  After every kill the parent checks EVERY ``chk-*`` folder on storage:
+
+* a folder ``load_checkpoint`` accepts is in ``list_checkpoints`` and restores to
+  exactly ``replay(seed, op_index)`` for its id (ids map to op indices through the
+  seed's schedule, so unacknowledged checkpoints are checked too); otherwise it is
+  rejected with ``CorruptCheckpointError``: never another exception, never partially
+  accepted;
+* the newest valid checkpoint is at least the newest ACKed one, and the newest ACKed
+  one, while still committed, is valid (no acknowledged checkpoint is lost);
+* retention: at most ``num_retained + 1`` committed folders.
+
+The next child restores from the newest valid checkpoint in a fresh process and
+continues the stream (chains of up to 10 restarts per seed; the LMDB tier reopens
+the working directory the killed process left behind).  Every few cycles the parent
+also emulates a power loss from the child's I/O log: files never fsynced are cut to
+a random prefix and directory entries never made durable by a directory fsync are
+dropped (RocksDB's DropUnsyncedFileData).
+
+Negative control: with ``STATECORE_DEBUG_SKIP_FSYNC=1`` (storage.py) the same
+power-loss emulation must make the harness report a lost acknowledged checkpoint.
+
+CI: 2 backends x 40 cycles; ``STATECORE_SOAK=1``: 2 x 1,000 cycles.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+import statecore as sc
+from statecore import CorruptCheckpointError
+
+import crash_writer as cw
+
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sc.__file__)))
+WRITER = os.path.abspath(cw.__file__)
+SOAK = os.environ.get("STATECORE_SOAK") == "1"
+CYCLES_PER_BACKEND = 1000 if SOAK else 40
+NUM_RETAINED = 2
+MAX_RESTARTS_PER_SEED = 10
+POWER_LOSS_EVERY = 3           # every 3rd cycle also emulates a power loss
+BLACKBOX_EVERY = 3             # every 3rd cycle is a blackbox kill (random delay)
+BLACKBOX_DELAY = (0.02, 0.4)   # seconds after READY
+WHITEBOX_TIMEOUT = 8.0         # a kill point not reached by then: killed by the timer instead
+START_TIMEOUT = 60.0
+
+# (event, path substring) of the whitebox kill points; n-th occurrence drawn per cycle.
+KILL_POINTS = [
+    ("write", "data.sckd"),        # before the data file is written
+    ("fsync", "data.sckd"),        # data file written and fsynced, nothing published
+    ("dirsync", "chk-"),           # odd n: folder fsynced before publishing; even n: after publishing
+    ("write", "_metadata.tmp"),    # just before the metadata is published (temp file about to be written)
+    ("fsync", "_metadata.tmp"),    # metadata temp file durable, not yet linked to _metadata
+    ("publish", "_metadata"),      # _metadata visible, directory not yet fsynced, checkpoint not returned
+    ("delete", "chk-"),            # retention: before an older checkpoint is deleted
+]
+
+
+@dataclass
+class Chain:
+    """One seed's run through successive writer children sharing one checkpoint directory."""
+    backend: str
+    root: str
+    seed: int
+    acked: dict = field(default_factory=dict)   # checkpoint id -> op index, from ACK lines
+    resume_id: int = 0
+    resume_location: str = ""
+    restarts: int = 0
+    committed: int = 0    # committed folders after the last verification
+    done: bool = False
+
+    @property
+    def ckpt_dir(self):
+        return os.path.join(self.root, "ckpt")
+
+    @property
+    def db_dir(self):
+        return os.path.join(self.root, "db")
+
+
+@dataclass
+class Report:
+    cycles: int = 0
+    kills: int = 0
+    inside_checkpoint: int = 0
+    power_losses: int = 0
+    unsynced_dropped: int = 0
+    unsynced_truncated: int = 0
+    completed_streams: int = 0
+    kill_points: Counter = field(default_factory=Counter)
+    folders_checked: int = 0
+    valid: int = 0
+    rejected: int = 0
+    acks: int = 0
+    failures: list = field(default_factory=list)
+
+    def fail(self, msg):
+        self.failures.append(msg)
+
+
+# ----------------------------------------------------------------------------- oracle
+
+def oracle(seed, op_indices):
+    """{op_index: canonical dump of replay(seed, op_index)} in one pass over the stream."""
+    wanted = sorted(set(op_indices))
+    out = {}
+    model = cw.new_model()
+    if 0 in wanted:
+        out[0] = {}
+    pending = [w for w in wanted if w > 0]
+    if not pending:
+        return out
+    j = 0
+    for i, op in enumerate(cw.op_stream(seed)):
+        cw.apply_model(model, op)
+        while j < len(pending) and pending[j] == i + 1:
+            out[i + 1] = cw.canonical_model(model)
+            j += 1
+        if j == len(pending):
+            break
+    return out
+
+
+def restore_dump(backend, location):
+    """Canonical dump of a restore of ``location`` into a fresh backend of the same type (in this process)."""
+    b = cw.make_backend(backend, os.path.join(os.path.dirname(location), "unused"), None, NUM_RETAINED)
+    kb = b.restore_keyed_state_backend([location], max_parallelism=128, job_id=cw.JOB, operator_id=cw.OPERATOR)
+    try:
+        return cw.canonical_backend(kb)
+    finally:
+        kb.close()
+
+
+# ----------------------------------------------------------------------------- power loss
+
+def emulate_power_loss(log_path, rng):
+    """Undo what was not durable when the child died, from its I/O-event log.
+
+    A file's bytes are durable after an ``fsync`` event following its last ``write``;
+    a directory entry (file created by ``write``, ``_metadata`` linked by ``publish``)
+    after a ``dirsync`` of its directory.  Not durable: the entry is dropped, or the
+    content is cut to a random prefix.  Returns (dropped, truncated) counts.
+    """
+    try:
+        with open(log_path) as f:
+            events = [line.rstrip("\n").split("\t", 1) for line in f if "\t" in line]
+    except FileNotFoundError:
+        return 0, 0
+    content_ok, entry_ok, last_tmp = {}, {}, {}
+    for ev, path in events:
+        if ev == "write":
+            content_ok[path] = False
+            entry_ok[path] = False
+            if os.path.basename(path).startswith("_metadata.tmp"):
+                last_tmp[os.path.dirname(path)] = path
+        elif ev == "fsync":
+            content_ok[path] = True
+        elif ev == "publish":
+            tmp = last_tmp.get(os.path.dirname(path))
+            content_ok[path] = content_ok.get(tmp, False)  # a hard link to the temp file's inode
+            entry_ok[path] = False
+        elif ev == "dirsync":
+            for p in entry_ok:
+                if os.path.dirname(p) == path:
+                    entry_ok[p] = True
+    dropped = truncated = 0
+    for path in entry_ok:
+        if not os.path.exists(path):
+            continue
+        if not entry_ok[path]:
+            os.unlink(path)
+            dropped += 1
+        elif not content_ok.get(path, False):
+            size = os.path.getsize(path)
+            keep = rng.randrange(size + 1) if size else 0
+            if keep < size:
+                os.truncate(path, keep)
+                truncated += 1
+    return dropped, truncated
+
+
+# ----------------------------------------------------------------------------- verification
+
+def verify(chain, report, *, power_loss, acked_now):
+    """Check every chk-* folder of the chain's storage against the oracle; set the resume point."""
+    storage = sc.FileSystemCheckpointStorage(chain.ckpt_dir)
+    op_dir = os.path.join(chain.ckpt_dir, cw.JOB, cw.OPERATOR)
+    committed = set(storage.list_checkpoints(cw.JOB, cw.OPERATOR))
+    schedule = cw.checkpoint_ops(chain.seed)
+    folders = []
+    for name in os.listdir(op_dir) if os.path.isdir(op_dir) else []:
+        if name.startswith("chk-"):
+            cid = int(name.split("-")[1])
+            folders.append((cid, os.path.join(op_dir, name)))
+    folders.sort()
+    expected = oracle(chain.seed, [schedule[cid - 1] for cid, _ in folders])
+    valid = []
+    for cid, loc in folders:
+        report.folders_checked += 1
+        what = f"[{chain.backend} seed={chain.seed} chk-{cid}]"
+        try:
+            completed = sc.load_checkpoint(loc)
+            if loc not in committed:
+                report.fail(f"{what} load_checkpoint accepted a folder list_checkpoints does not list")
+            if completed.checkpoint_id != cid:
+                report.fail(f"{what} metadata says checkpoint {completed.checkpoint_id}")
+            got = restore_dump(chain.backend, loc)
+        except CorruptCheckpointError:
+            report.rejected += 1
+            if cid in chain.acked and loc in committed:
+                report.fail(f"{what} an acknowledged, committed checkpoint is rejected as corrupt")
+            continue
+        except Exception as e:  # noqa: BLE001 - any other exception type is a finding
+            report.fail(f"{what} {type(e).__name__} instead of CorruptCheckpointError: {e}")
+            continue
+        want = expected[schedule[cid - 1]]
+        if got != want:
+            missing = len(set(want) - set(got))
+            extra = len(set(got) - set(want))
+            diff = sum(1 for k in set(want) & set(got) if want[k] != got[k])
+            report.fail(f"{what} restored state differs from replay(seed, {schedule[cid - 1]}): "
+                        f"{missing} missing, {extra} extra, {diff} different entries (partially accepted)")
+            continue
+        if chain.acked.get(cid, schedule[cid - 1]) != schedule[cid - 1]:
+            report.fail(f"{what} ACKed at op {chain.acked[cid]}, schedule says {schedule[cid - 1]}")
+        report.valid += 1
+        valid.append((cid, loc))
+    # Retention: an ACK means that checkpoint's retention ran (all older committed folders but the
+    # newest NUM_RETAINED deleted), so after an ACK at most one newer commit can be pending; a child
+    # killed before any ACK adds at most its one unretained commit to what was there.
+    limit = NUM_RETAINED + 1 if acked_now else chain.committed + 1
+    if len(committed) > limit:
+        report.fail(f"[{chain.backend} seed={chain.seed}] {len(committed)} committed checkpoints, retention "
+                    f"allows {limit} (num_retained={NUM_RETAINED}, ACKed in this run: {acked_now})")
+    chain.committed = len(committed)
+    newest_acked = max(chain.acked, default=0)
+    newest_valid = valid[-1][0] if valid else 0
+    if newest_valid < newest_acked:
+        report.fail(f"[{chain.backend} seed={chain.seed}] lost acknowledged checkpoint {newest_acked}: newest valid "
+                    f"checkpoint on storage is {newest_valid or 'none'}" + (" (after power loss)" if power_loss else ""))
+        chain.done = True  # the chain cannot continue meaningfully
+        return
+    chain.resume_id, chain.resume_location = (valid[-1] if valid else (0, ""))
+
+
+# ----------------------------------------------------------------------------- one cycle
+
+def run_cycle(chain, report, rng, cycle, *, power_loss, extra_env=None):
+    log_path = os.path.join(chain.root, f"io-{cycle}.log")
+    env = dict(os.environ)
+    env.pop("STATECORE_CRASH_KILL", None)
+    env["PYTHONPATH"] = PKG_PARENT
+    env.update(extra_env or {})
+    if power_loss:
+        env["STATECORE_CRASH_IOLOG"] = log_path
+    blackbox = cycle % BLACKBOX_EVERY == 0
+    point = None
+    if not blackbox:
+        point = KILL_POINTS[(cycle // BLACKBOX_EVERY) % len(KILL_POINTS)]
+        env["STATECORE_CRASH_KILL"] = f"{point[0]}:{point[1]}:{rng.randint(1, 8)}"
+    cfg = {"backend": chain.backend, "ckpt_dir": chain.ckpt_dir, "db_dir": chain.db_dir, "seed": chain.seed,
+           "resume_id": chain.resume_id, "resume_location": chain.resume_location, "num_retained": NUM_RETAINED}
+    stderr_path = os.path.join(chain.root, f"stderr-{cycle}.txt")
+    with open(stderr_path, "wb") as err:
+        p = subprocess.Popen([sys.executable, WRITER, json.dumps(cfg)], cwd=chain.root, env=env,
+                             stdout=subprocess.PIPE, stderr=err, text=True)
+    watchdog = threading.Timer(START_TIMEOUT, p.kill)
+    watchdog.start()
+    try:
+        first = p.stdout.readline()
+        if blackbox and first.startswith("READY"):
+            time.sleep(rng.uniform(*BLACKBOX_DELAY))
+            p.send_signal(signal.SIGKILL)
+            rest, _ = p.communicate()
+        else:
+            try:
+                rest, _ = p.communicate(timeout=WHITEBOX_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rest, _ = p.communicate()
+                point = ("timer", "")
+    finally:
+        watchdog.cancel()
+    lines = [first.strip()] + rest.splitlines()
+    with open(stderr_path, errors="replace") as f:
+        stderr = f.read()
+    report.cycles += 1
+    what = f"[{chain.backend} seed={chain.seed} cycle={cycle}]"
+    if not lines[0].startswith("READY"):
+        report.fail(f"{what} child did not start (rc={p.returncode}): {stderr[-2000:]}")
+        chain.done = True
+        return
+    schedule = cw.checkpoint_ops(chain.seed)
+    last = ""
+    acked_now = False
+    for line in lines[1:]:
+        parts = line.split()
+        if parts and parts[0] == "ACK":
+            cid, op = int(parts[1]), int(parts[2])
+            chain.acked[cid] = op
+            acked_now = True
+            report.acks += 1
+            if schedule[cid - 1] != op:
+                report.fail(f"{what} ACK {cid} at op {op}, schedule says {schedule[cid - 1]}")
+        if parts:
+            last = parts[0]
+    if p.returncode == 0 and last == "DONE":
+        report.completed_streams += 1
+        chain.done = True
+    elif p.returncode == -signal.SIGKILL:
+        report.kills += 1
+        report.kill_points["blackbox" if blackbox else ":".join(point)] += 1
+        if last == "BEGIN":
+            report.inside_checkpoint += 1
+    else:
+        report.fail(f"{what} child exited with rc={p.returncode}: {stderr[-2000:]}")
+        chain.done = True
+        return
+    if power_loss:
+        dropped, truncated = emulate_power_loss(log_path, rng)
+        report.power_losses += 1
+        report.unsynced_dropped += dropped
+        report.unsynced_truncated += truncated
+    verify(chain, report, power_loss=power_loss, acked_now=acked_now)
+    chain.restarts += 1
+
+
+def run_harness(backend, tmp_path, cycles, seed, *, extra_env=None, stop_on_failure=False, power_loss_every=None):
+    rng = random.Random(seed)
+    report = Report()
+    chain = None
+    n_chain = 0
+    every = POWER_LOSS_EVERY if power_loss_every is None else power_loss_every
+    for cycle in range(cycles):
+        if chain is None or chain.done or chain.restarts >= MAX_RESTARTS_PER_SEED:
+            n_chain += 1
+            root = tmp_path / f"{backend}-chain{n_chain}"
+            root.mkdir()
+            chain = Chain(backend, str(root), seed=seed * 1000 + n_chain)
+        run_cycle(chain, report, rng, cycle, power_loss=(cycle % every == every - 1), extra_env=extra_env)
+        if stop_on_failure and report.failures:
+            break
+    return report
+
+
+def _backends():
+    from backends import BACKENDS
+    return sorted(BACKENDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", _backends())
+def test_kill9_during_checkpoints_never_loses_acked_or_accepts_partial(backend, tmp_path):
+    t0 = time.monotonic()
+    report = run_harness(backend, tmp_path, CYCLES_PER_BACKEND, seed=17 if backend == "hashmap" else 29)
+    elapsed = time.monotonic() - t0
+    summary = (f"{backend}: {report.cycles} cycles, {report.kills} kills ({report.inside_checkpoint} inside a "
+               f"checkpoint), {report.power_losses} power losses ({report.unsynced_dropped} entries dropped, "
+               f"{report.unsynced_truncated} files cut), {report.completed_streams} streams completed, "
+               f"{report.acks} ACKs, {report.folders_checked} folders checked ({report.valid} valid, "
+               f"{report.rejected} rejected), kill points {dict(report.kill_points)}, {elapsed:.1f}s")
+    print("\n" + summary)
+    assert not report.failures, "\n".join(report.failures[:20]) + "\n" + summary
+    assert report.kills >= CYCLES_PER_BACKEND * 0.9, summary
+    assert report.acks > 0 and report.valid > 0, summary
+    # Most kills must land inside a checkpoint (whitebox kills always do).
+    assert report.inside_checkpoint >= report.kills * 0.5, summary
+    for event, sub in KILL_POINTS:
+        assert report.kill_points[f"{event}:{sub}"] >= 1, (event, sub, summary)
+
+
+@pytest.mark.slow
+def test_negative_control_skipped_fsync_loses_acked_checkpoint_on_power_loss(tmp_path):
+    """A harness that cannot fail proves nothing: planting the "no fsync" bug must be caught."""
+    report = run_harness("hashmap", tmp_path, 12, seed=3, extra_env={"STATECORE_DEBUG_SKIP_FSYNC": "1"},
+                         stop_on_failure=True, power_loss_every=1)
+    assert report.failures, "the crash harness did not detect checkpoints written without fsync"
+    assert any("lost acknowledged checkpoint" in f or "acknowledged, committed" in f for f in report.failures), \
+        report.failures
+
+
+def test_power_loss_emulation_keeps_fsynced_and_drops_unsynced(tmp_path):
+    """The emulation itself: synced content and entries survive, the rest does not."""
+    d = tmp_path / "d"
+    d.mkdir()
+    a, b, c = d / "a", d / "b", d / "c"
+    for p in (a, b, c):
+        p.write_bytes(b"x" * 100)
+    log = tmp_path / "log"
+    log.write_text(f"write\t{a}\nfsync\t{a}\nwrite\t{b}\ndirsync\t{d}\nwrite\t{c}\nfsync\t{c}\n")
+
+    class KeepNothing:
+        def randrange(self, n):
+            return 0
+    dropped, truncated = emulate_power_loss(str(log), KeepNothing())
+    assert a.read_bytes() == b"x" * 100          # fsynced, entry synced
+    assert b.read_bytes() == b"" and truncated == 1  # entry synced, content never fsynced
+    assert not c.exists() and dropped == 1       # fsynced content but no directory fsync afterwards

@@ -96,9 +96,9 @@ sc_entry *sc_table_find(const sc_table *t, const uint8_t *key, size_t klen, uint
     }
 }
 
-/* Double the slot array; slots move as a whole (inline bytes and block pointers alike). */
-static SC_NOINLINE sc_status grow(sc_table *t) {
-    size_t old_cap = t->mask + 1, cap = old_cap * 2;
+/* Rehash into cap slots (a power of two > count); slots move as a whole (inline bytes and block pointers alike). */
+static SC_NOINLINE sc_status rehash(sc_table *t, size_t cap) {
+    size_t old_cap = t->mask + 1;
     if (cap > SIZE_MAX / sizeof(sc_entry)) return SC_ENOMEM;
     sc_entry *slots = alloc_slots(cap);
     if (!slots) return SC_ENOMEM;
@@ -112,8 +112,17 @@ static SC_NOINLINE sc_status grow(sc_table *t) {
     free_slots(t->slots, old_cap);
     t->slots = slots;
     t->mask = cap - 1;
-    t->bytes += (cap - old_cap) * sizeof(sc_entry);
+    t->bytes = t->bytes + cap * sizeof(sc_entry) - old_cap * sizeof(sc_entry);
     return SC_OK;
+}
+
+static sc_status grow(sc_table *t) { return rehash(t, (t->mask + 1) * 2); }
+
+sc_status sc_table_reserve(sc_table *t, size_t n) {
+    if (n > (SIZE_MAX / 4) / sizeof(sc_entry)) return SC_ENOMEM;
+    size_t cap = t->mask + 1;
+    while (n * 4 > cap * 3) cap *= 2; /* the load factor stays <= 3/4 */
+    return cap == t->mask + 1 ? SC_OK : rehash(t, cap);
 }
 
 /* Find key or the empty slot where it goes, growing first if needed. */

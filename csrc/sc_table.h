@@ -64,6 +64,9 @@ SC_INLINE uint32_t sc_table_hash(const uint8_t *key, size_t klen) {
 sc_table *sc_table_new(size_t initial_capacity, int nested);
 /** Free the table, every block and (nested) every inner table.  NULL is fine. */
 void sc_table_free(sc_table *t);
+/** Grow the slot array once so that n entries fit without further growth (bulk loads, restores). */
+sc_status sc_table_reserve(sc_table *t, size_t n);
+
 /** Remove every entry; keeps the slot array. */
 void sc_table_clear(sc_table *t);
 

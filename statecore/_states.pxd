@@ -20,8 +20,15 @@ _states.pyx; the LMDB tier provides its own.  Contract of every method:
   entries passed; it must not change the table.  ``consistent_copy`` returns a
   table (or any object whose ``snapshot`` works later, from another thread)
   holding this table's entries as of now, for asynchronous checkpoints.
+* ``reserve`` is a hint that about n more (key, namespace) entries are coming (restore).
 * ``restamp`` sets the timestamp of every entry (and list record) to ``ts``
   (TTL switched on or off at restore, as Flink 2.2 migrates).
+* ``put_batch``/``get_batch`` (ValueState batch fast path): ``m`` keys of
+  length ``kl`` at ``keys + j * kw`` with hashes ``hs[j]``; values of exactly
+  ``vl`` bytes at ``vals + j * vl``.  ``put_batch`` is ``put`` of each in order;
+  ``get_batch`` copies each found value out and sets ``found[j]`` to 1 (found,
+  ``tss[j]`` its ts), 0 (absent) or 2 (stored value not ``vl`` bytes).  The
+  defaults loop over ``put``/``get``; TTL rules are the caller's.
 """
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 
@@ -69,3 +76,8 @@ cdef class StateTable:
     cdef long long snapshot(self, SnapshotSink sink) except -1
     cdef object consistent_copy(self)
     cdef int restamp(self, int64_t ts, int layout) except -1
+    cdef int reserve(self, size_t n) except -1
+    cdef int put_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
+                       const uint8_t *vals, size_t vl, int64_t ts) except -1
+    cdef int get_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
+                       uint8_t *vals, size_t vl, int64_t *tss, uint8_t *found) except -1

@@ -32,7 +32,7 @@ from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be
                               sc_entry_key, sc_entry_value, sc_kc_build_prefix, sc_kc_parse, sc_kc_parts, sc_key_group, sc_now_ms,
                               sc_status, sc_table, sc_table_append, sc_table_bytes_deep, sc_table_count_deep,
                               sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find, sc_table_free,
-                              sc_table_clear, sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
+                              sc_table_clear, sc_table_reserve, sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
                               sc_table_put, sc_table_slot, sc_table_clone, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._records cimport (append_record, as_bytes, buf_init, filter_list_blob, read_record, reserve,
                                 restamp_blob)
@@ -54,6 +54,9 @@ cdef enum:
     LAYOUT_VALUE = 0   # one value per (key, namespace)
     LAYOUT_LIST = 1    # one blob of timestamped records per (key, namespace)
     LAYOUT_MAP = 2     # one entry per (key, namespace, user key)
+
+cdef enum:
+    BATCH_BLOCK = 256  # keys per StateTable.put_batch/get_batch call of the ValueState batch fast path
 
 
 # ------------------------------------------------------------------ list records
@@ -161,7 +164,7 @@ cdef class SnapshotSink:
         return 0
 
     def collect(self):
-        """(file bytes, [[key_group, offset, length, entries], ...] for non-empty key groups)."""
+        """(file bytes as a bytearray, [[key_group, offset, length, entries], ...] for non-empty key groups)."""
         cdef int i
         cdef Py_ssize_t total = len(DATA_MAGIC), off
         for i in range(self.kg_end - self.kg_start + 1):
@@ -176,7 +179,7 @@ cdef class SnapshotSink:
                 memcpy(&view[off], self.bufs[i].data, self.bufs[i].len)
                 sections.append([self.kg_start + i, off, self.bufs[i].len, self.counts[i]])
                 off += self.bufs[i].len
-        return bytes(out), sections
+        return out, sections  # a bytearray: the file's bytes, not copied again
 
 
 cdef int64_t TOMBSTONE = INT64_MIN
@@ -227,6 +230,11 @@ def snapshot_table(StateTable table, SnapshotSink sink):
     return table.snapshot(sink)
 
 
+def reserve_entries(StateTable table, size_t n):
+    """Hint that about n entries are about to be restored into ``table``."""
+    table.reserve(n)
+
+
 def table_entries(StateTable table):
     """Entries stored in ``table`` (as counted by num_state_entries)."""
     return table.count()
@@ -264,8 +272,9 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     cdef sc_kc_parts parts
     cdef sc_buf *kbuf = &kb.rbuf
     cdef StateTable table
-    cdef int layout
-    cdef uint16_t sid
+    cdef int layout = 0
+    cdef uint16_t sid = 0
+    cdef int last_sid = -1
     cdef size_t plen
     if off < 0 or length < 0 or off + length > data.shape[0]:
         raise CorruptCheckpointError(f"{where}: key group {kg} section [{off}, +{length}) is outside the file")
@@ -288,11 +297,13 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
         p += 8
         if sc_be16_get(k) != kg:
             raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k)} is filed under {kg}")
-        entry = sidmap.get(sc_be16_get(k + 2))
-        if entry is None:
-            raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
-                                         "which the metadata does not declare")
-        sid, table, layout = entry
+        if sc_be16_get(k + 2) != last_sid:  # records of one state come in runs: look up once per run
+            entry = sidmap.get(sc_be16_get(k + 2))
+            if entry is None:
+                raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
+                                             "which the metadata does not declare")
+            sid, table, layout = entry
+            last_sid = sc_be16_get(k + 2)
         kbuf.len = 0
         reserve(kbuf, kl)
         memcpy(kbuf.data, k, kl)
@@ -394,6 +405,33 @@ cdef class StateTable:
 
     cdef int restamp(self, int64_t ts, int layout) except -1:
         raise NotImplementedError(f"{type(self).__name__} cannot migrate TTL yet")
+
+    cdef int reserve(self, size_t n) except -1:
+        return 0
+
+    cdef int put_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
+                       const uint8_t *vals, size_t vl, int64_t ts) except -1:
+        """``put`` of m fixed-width keys/values in order (see _states.pxd); tables may override it."""
+        cdef Py_ssize_t j
+        for j in range(m):
+            self.put(keys + j * kw, kl, hs[j], vals + j * vl, vl, ts)
+        return 0
+
+    cdef int get_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
+                       uint8_t *vals, size_t vl, int64_t *tss, uint8_t *found) except -1:
+        """``get`` of m fixed-width keys, values copied out (see _states.pxd); tables may override it."""
+        cdef Py_ssize_t j
+        cdef const uint8_t *v
+        cdef size_t n
+        for j in range(m):
+            if not self.get(keys + j * kw, kl, hs[j], &v, &n, &tss[j]):
+                found[j] = 0
+            elif n != vl:
+                found[j] = 2
+            else:
+                memcpy(vals + j * vl, v, vl)
+                found[j] = 1
+        return 0
 
 
 cdef int heap_snapshot(sc_table *t, SnapshotSink sink, long long *count) noexcept nogil:
@@ -582,6 +620,10 @@ cdef class HeapStateTable(StateTable):
             rc = heap_snapshot(self.t, sink, &n)
         check_sink(rc)
         return n
+
+    cdef int reserve(self, size_t n) except -1:
+        # Sizing the table once avoids rehashing it log2(n) times while a restore inserts.
+        return check(sc_table_reserve(self.t, self.t.count + n))
 
     cdef object consistent_copy(self):
         cdef HeapStateTable c = HeapStateTable.__new__(HeapStateTable, self.t.nested)
@@ -1232,8 +1274,6 @@ cdef class ValueState(State):
             return 0
         if self.backend.key_serializer.kind != KIND_AUTO and self.backend.key_serializer.kind != KIND_INT64:
             return 0
-        if not isinstance(self.table, HeapStateTable):
-            return 0
         if not isinstance(keys, np.ndarray) or keys.ndim != 1 or keys.dtype.kind not in "iu":
             return 0
         if keys.dtype.kind == "u" and keys.size and keys.max() > np.iinfo(np.int64).max:
@@ -1385,6 +1425,8 @@ cdef class ValueState(State):
         return n + self.nsbuf.len
 
     cdef int update_batch_fast(self, const int64_t[::1] keys, values, int kind) except -1:
+        if type(self.table) is not HeapStateTable:
+            return self.update_batch_table(keys, values, kind)
         cdef Py_ssize_t i, j, m, base, n = keys.shape[0]
         cdef sc_table *t = (<HeapStateTable>self.table).t
         cdef const double[::1] fv
@@ -1440,6 +1482,8 @@ cdef class ValueState(State):
         return 0
 
     cdef object value_batch_fast(self, const int64_t[::1] keys, int kind, fill):
+        if type(self.table) is not HeapStateTable:
+            return self.value_batch_table(keys, kind, fill)
         cdef Py_ssize_t i, j, m, base, n = keys.shape[0], missing = 0
         cdef sc_table *t = (<HeapStateTable>self.table).t
         cdef uint16_t *kgs = NULL
@@ -1530,6 +1574,132 @@ cdef class ValueState(State):
         if corrupt:
             raise StateError(f"state {self.name!r}: stored value is not 8 bytes; it was not written by "
                              f"{type(self.vser).__name__}")
+        if missing and kind == KIND_INT64 and not has_fill:
+            raise StateError(f"value_batch: {missing} key(s) have no value and an int64 array cannot hold None; "
+                             "pass fill=<int> (or give the descriptor a default)")
+        return out
+
+    # Other tables (the LMDB tier): the same key encoding, in blocks through StateTable.put_batch/get_batch.
+
+    cdef int update_batch_table(self, const int64_t[::1] keys, values, int kind) except -1:
+        cdef Py_ssize_t j, m, base, n = keys.shape[0]
+        cdef const double[::1] fv
+        cdef const int64_t[::1] iv
+        cdef uint16_t *kgs = NULL
+        cdef uint8_t *blk = NULL
+        cdef uint8_t vb[8 * BATCH_BLOCK]
+        cdef uint32_t hs[BATCH_BLOCK]
+        cdef size_t kw = self.fast_key_width(), kl = 0
+        cdef bint auto = self.backend.key_serializer.kind == KIND_AUTO
+        cdef uint64_t bits
+        cdef int64_t ts = self.write_ts()
+        if n == 0:
+            return 0
+        if kind == KIND_FLOAT64:
+            fv = values
+        else:
+            iv = values
+        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
+        blk = <uint8_t *>malloc(BATCH_BLOCK * kw)
+        if kgs is NULL or blk is NULL:
+            free(kgs)
+            free(blk)
+            raise MemoryError()
+        try:
+            self.check_fast_keys(keys, kgs)
+            base = 0
+            while base < n:
+                m = min(BATCH_BLOCK, n - base)
+                for j in range(m):
+                    kl = self.build_fast_key(blk + j * kw, keys[base + j], kgs[base + j], auto)
+                    hs[j] = sc_table_hash(blk + j * kw, kl)
+                    if kind == KIND_FLOAT64:
+                        memcpy(&bits, &fv[base + j], 8)
+                    else:
+                        bits = <uint64_t>iv[base + j]
+                    sc_be64_put(vb + 8 * j, bits)
+                self.table.put_batch(blk, kw, kl, hs, m, vb, 8, ts)
+                base += m
+        finally:
+            free(kgs)
+            free(blk)
+        return 0
+
+    cdef object value_batch_table(self, const int64_t[::1] keys, int kind, fill):
+        cdef Py_ssize_t i, j, m, base, n = keys.shape[0], missing = 0
+        cdef uint16_t *kgs = NULL
+        cdef uint8_t *blk = NULL
+        cdef uint8_t vb[8 * BATCH_BLOCK]
+        cdef uint8_t found[BATCH_BLOCK]
+        cdef int64_t tss[BATCH_BLOCK]
+        cdef uint32_t hs[BATCH_BLOCK]
+        cdef size_t kw = self.fast_key_width(), kl = 0
+        cdef bint auto = self.backend.key_serializer.kind == KIND_AUTO
+        cdef bint has_fill = fill is not None
+        cdef double ffill = NAN
+        cdef int64_t ifill = 0, ttl = self.ttl, now = 0
+        cdef Py_ssize_t block = 1 if ttl else BATCH_BLOCK  # TTL: key by key (an expired read removes it)
+        cdef uint64_t bits
+        cdef double[::1] fo
+        cdef int64_t[::1] io
+        if kind == KIND_FLOAT64:
+            out = np.empty(n, dtype=np.float64)
+            fo = out
+            if has_fill:
+                ffill = float(fill)
+        else:
+            out = np.empty(n, dtype=np.int64)
+            io = out
+            if has_fill:
+                ifill = int(fill)
+        if n == 0:
+            return out
+        if ttl:
+            now = self.backend.now()
+        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
+        blk = <uint8_t *>malloc(BATCH_BLOCK * kw)
+        if kgs is NULL or blk is NULL:
+            free(kgs)
+            free(blk)
+            raise MemoryError()
+        try:
+            self.check_fast_keys(keys, kgs)
+            base = 0
+            while base < n:
+                m = min(block, n - base)
+                for j in range(m):
+                    kl = self.build_fast_key(blk + j * kw, keys[base + j], kgs[base + j], auto)
+                    hs[j] = sc_table_hash(blk + j * kw, kl)
+                self.table.get_batch(blk, kw, kl, hs, m, vb, 8, tss, found)
+                for j in range(m):
+                    i = base + j
+                    if found[j] == 2:
+                        raise StateError(f"state {self.name!r}: stored value is not 8 bytes; it was not written "
+                                         f"by {type(self.vser).__name__}")
+                    if found[j] and ttl:
+                        if sc_ttl_expired(tss[j], ttl, now):
+                            self.table.remove(blk + j * kw, kl, hs[j])
+                            self.backend.ttl_expired += 1
+                            if not self.return_expired:
+                                found[j] = 0
+                        elif self.update_on_read:
+                            self.table.touch(blk + j * kw, kl, hs[j], now)
+                    if not found[j]:
+                        missing += 1
+                        if kind == KIND_FLOAT64:
+                            fo[i] = ffill
+                        else:
+                            io[i] = ifill
+                        continue
+                    bits = sc_be64_get(vb + 8 * j)
+                    if kind == KIND_FLOAT64:
+                        memcpy(&fo[i], &bits, 8)
+                    else:
+                        io[i] = <int64_t>bits
+                base += m
+        finally:
+            free(kgs)
+            free(blk)
         if missing and kind == KIND_INT64 and not has_fill:
             raise StateError(f"value_batch: {missing} key(s) have no value and an int64 array cannot hold None; "
                              "pass fill=<int> (or give the descriptor a default)")

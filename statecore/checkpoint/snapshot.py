@@ -24,7 +24,7 @@ import re
 import uuid
 
 from statecore._states import (DATA_MAGIC, SnapshotSink, consistent_copy, load_section, snapshot_delta,
-                               snapshot_table, table_entries)
+                               snapshot_table, table_entries, reserve_entries)
 from statecore.checkpoint import format as fmt
 from statecore.checkpoint import storage as stg
 from statecore.errors import CheckpointError, CorruptCheckpointError, StateMigrationError
@@ -381,8 +381,12 @@ def restore(backend, checkpoints, **kwargs):
         # Everything verified: now load.
         kb.restore_clock_ms = kb._now_ms()
         for c in completed:
+            theirs = c.key_group_range
+            share = len(theirs.intersection(mine)) / max(len(theirs), 1)
             for st in c.metadata["states"]:
-                kb._restore_state(st)
+                _sid, table, _layout = kb._restore_state(st)
+                if st["type"] != "map":  # map entries live in nested tables: the outer count is unknown
+                    reserve_entries(table, int(st.get("entries", 0) * share))
         for body, where, data, wanted in payloads:
             sidmap = {}
             for st in body["states"]:

@@ -41,10 +41,36 @@ def test_writes(benchmark, n, impl):
     assert benchmark.pedantic(lambda run: run(), setup=setup, rounds=3, iterations=1) == n
 
 
+@pytest.mark.benchmark(group="lmdb-batch-buffered")
+@pytest.mark.parametrize("impl", ["lmdb", "hashmap"])
+def test_batch_buffered(benchmark, n, impl):
+    """``statecore bench``'s batch workload: value_batch + update_batch of n int64 keys held in the write
+    buffer (the LMDB tier runs with ``w.BATCH_LMDB_OPTIONS``); the heap backend beside it.  2 ops per key."""
+    run = w.WORKLOADS["batch"].setup(impl, n)
+    benchmark.extra_info["ops_per_pass"] = 2 * n
+    try:
+        assert benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1) == 2 * n
+    finally:
+        w.close_run(run)
+
+
+@pytest.mark.benchmark(group="lmdb-rmw-ttl")
+@pytest.mark.parametrize("impl", ["lmdb", "lmdb-ttl", "hashmap", "hashmap-ttl"])
+def test_rmw_ttl_overhead(benchmark, n, impl):
+    """Per-record read-modify-write with and without a 1-day TTL (default background cleanup)."""
+    name, _, ttl = impl.partition("-")
+    run = w.WORKLOADS["value-rmw-ttl" if ttl else "value-rmw"].setup(name, n)
+    try:
+        assert benchmark.pedantic(run, rounds=2, iterations=1) == n
+    finally:
+        w.close_run(run)
+
+
 @pytest.mark.benchmark(group="lmdb-map-workload")
-@pytest.mark.parametrize("impl", ["hashmap", "lmdb"])
+@pytest.mark.parametrize("impl", ["hashmap", "lmdb", "rocksdict"])
 def test_map_workload(benchmark, n, impl):
     """``statecore bench``'s map workload: n/100 keys x 100 user keys (10k x 100 at n = 1M)."""
+    _need(impl)
     nkeys = max(1, n // w.MAP_USER_KEYS)
     run = w.WORKLOADS["map"].setup(impl, nkeys)
     benchmark.extra_info["entries"] = nkeys * w.MAP_USER_KEYS

@@ -51,7 +51,15 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   an LMDB cursor range with each buffer's entries of that prefix (indexed per
   prefix while they are in a buffer), newer tiers and tombstones winning.
 * Entry counts (``num_state_entries``) are exact: every write checks whether
-  the key exists (buffers, then LMDB).
+  the key exists (buffers, then LMDB; LMDB only once a buffer was ever frozen:
+  until then it is empty and every read skips it too).
+* ValueState batch ops (``put_batch``/``get_batch``) run a C loop over the
+  active buffer (a live entry of the same size is overwritten in place); keys
+  it does not hold take the single-key path (other buffers, cache, LMDB).
+* Incremental TTL cleanup visits ``size`` LMDB records per state access, read
+  ahead ``CLEANUP_CHUNK`` at a time in one cursor pass (dropped when the read
+  transaction is renewed); unexpired records are skipped from their raw
+  timestamp without touching the buffers.
 * Fork: any use in a forked child raises StateError, and the at-fork hook
   keeps the child from ever closing the inherited environment.
 """
@@ -65,8 +73,8 @@ from posix.unistd cimport getpid
 from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
                               sc_buf_reserve, sc_entry, sc_entry_key, sc_entry_value, sc_kc_parse, sc_kc_parts,
                               sc_now_ms, sc_table, sc_table_append, sc_table_delete, sc_table_delete_entry,
-                              sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next, sc_table_put,
-                              sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
+                              sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next,
+                              sc_table_prefetch, sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._records cimport as_bytes, buf_init, filter_list_blob, reserve, restamp_blob
 from statecore._states cimport SnapshotSink, StateTable
 from statecore._status cimport check
@@ -97,6 +105,7 @@ cdef enum:
     MT_FLUSHING = 1
     MT_DONE = 2
     MINDEX_ENTRY_BYTES = 96  # estimated bookkeeping bytes of one map key in a buffer's prefix index
+    CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
 
 _STORES = weakref.WeakSet()
 _LEAKED = []  # environments inherited by a forked child: never closed there
@@ -290,6 +299,8 @@ cdef class LMDBStore:
     cdef readonly long long map_resizes
     cdef readonly long long flush_expired
     cdef public long long epoch  # bumped whenever the active buffer is replaced (its slots reset)
+    cdef readonly bint spilled   # a buffer was ever frozen: LMDB may hold records (until then reads skip it)
+    cdef long long rgen          # bumped whenever the read transaction ends (cached LMDB reads go stale)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -488,6 +499,7 @@ cdef class LMDBStore:
 
     cdef inline void end_read(self):
         self.rget = None
+        self.rgen += 1
         if self.rtxn is not None:
             self.rtxn.abort()
             self.rtxn = None
@@ -519,6 +531,8 @@ cdef class LMDBStore:
         cdef size_t fkl, vl
         cdef int found = 0
         cdef bytes lkey
+        if not self.spilled:
+            return 0
         if self.ndeltas == 0:
             raw = self.lget(k, kl)
             if raw is None:
@@ -555,6 +569,8 @@ cdef class LMDBStore:
         """[(full key, raw record)] of every LMDB record whose composite key starts with p."""
         cdef bytes head = p[:HASHED_HEAD]
         out = []
+        if not self.spilled:
+            return out
         cur = self.txn().cursor()
         if not cur.set_range(head):
             return out
@@ -570,6 +586,8 @@ cdef class LMDBStore:
         """[(LMDB key, raw)] of state sidb (2 bytes) from LMDB key ``start`` on, across key groups."""
         cdef long kgi
         out = []
+        if not self.spilled:
+            return out
         cur = self.txn().cursor()
         target = start if start is not None else b"\x00\x00" + sidb
         while True:
@@ -642,6 +660,7 @@ cdef class LMDBStore:
         self.act = Memtable()
         self.buf = self.act.t
         self.epoch += 1
+        self.spilled = True
         with self.cv:
             old.state = MT_PENDING
             self.imm.append(old)
@@ -862,6 +881,10 @@ cdef class LMDBStateTable(StateTable):
     cdef size_t bcursor   # cleanup position in the buffer's slots
     cdef long long bepoch
     cdef bytes lcursor    # cleanup position in LMDB (last visited LMDB key)
+    cdef list lchunk      # cleanup: LMDB records read ahead (from the read transaction of generation lgen)
+    cdef Py_ssize_t lpos
+    cdef long long lgen
+    cdef bint lwrap       # lchunk reached the state's last record
 
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.kb)
@@ -897,6 +920,8 @@ cdef class LMDBStateTable(StateTable):
         cdef sc_entry *e = self.s.bfind(k, kl, h)
         if e is not NULL:
             return kind(e) != FLAG_TOMB
+        if not self.s.spilled:
+            return 0
         if self.s.cache is not NULL and sc_table_find(self.s.cache, k, kl, h) is not NULL:
             return 1
         return self.s.lget(k, kl) is not None
@@ -984,6 +1009,8 @@ cdef class LMDBStateTable(StateTable):
                 vl[0] = e.vlen
                 ts[0] = e.ts
                 return 1
+        if not s.spilled:
+            return 0
         raw = s.lget(k, kl)
         if raw is None:
             return 0
@@ -1047,6 +1074,67 @@ cdef class LMDBStateTable(StateTable):
     cdef int touch(self, const uint8_t *k, size_t kl, uint32_t h, int64_t ts) except -1:
         self.enter(k, kl)
         return self.do_touch(k, kl, h, ts, 0)
+
+    cdef int put_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
+                       const uint8_t *vals, size_t vl, int64_t ts) except -1:
+        """A C loop over the active buffer: a live entry of the same size is overwritten in place (as
+        sc_table_put would), anything else (new keys, tombstones, older tiers) takes the put path."""
+        cdef LMDBStore s = self.s
+        cdef Py_ssize_t j
+        cdef sc_entry *e
+        cdef const uint8_t *k
+        if m <= 0:
+            return 0
+        self.enter(keys, kl)
+        for j in range(m):
+            sc_table_prefetch(s.buf, hs[j])
+        for j in range(m):
+            k = keys + j * kw
+            e = sc_table_find(s.buf, k, kl, hs[j])
+            if e is not NULL and e.vlen == vl + 1 and kind(e) == FLAG_PUT and not self.lbit:
+                # in the active buffer, so not in the read cache (a buffer write evicts it, reads stop there)
+                memcpy(sc_entry_value(e) + 1, vals + j * vl, vl)
+                e.ts = ts
+            else:
+                self.do_put(k, kl, hs[j], vals + j * vl, vl, ts, 0)
+        return 0
+
+    cdef int get_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
+                       uint8_t *vals, size_t vl, int64_t *tss, uint8_t *found) except -1:
+        """A C loop over the active buffer; misses fall back to the other tiers (do_get)."""
+        cdef LMDBStore s = self.s
+        cdef Py_ssize_t j
+        cdef sc_entry *e
+        cdef const uint8_t *k
+        cdef const uint8_t *v
+        cdef size_t n
+        if m <= 0:
+            return 0
+        self.enter(keys, kl)
+        for j in range(m):
+            sc_table_prefetch(s.buf, hs[j])
+        for j in range(m):
+            k = keys + j * kw
+            e = NULL if self.lbit else sc_table_find(s.buf, k, kl, hs[j])
+            if e is not NULL:
+                if kind(e) != FLAG_PUT:
+                    found[j] = 0
+                elif e.vlen != vl + 1:
+                    found[j] = 2
+                else:
+                    memcpy(vals + j * vl, sc_entry_value(e) + 1, vl)
+                    tss[j] = e.ts
+                    found[j] = 1
+                continue
+            if not self.do_get(k, kl, hs[j], &v, &n, &tss[j]):
+                found[j] = 0
+            elif n != vl:
+                found[j] = 2
+            else:
+                memcpy(vals + j * vl, v, vl)
+                found[j] = 1
+        self.hold = None
+        return 0
 
     cdef int append(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
                     int64_t ts) except -1:
@@ -1253,17 +1341,31 @@ cdef class LMDBStateTable(StateTable):
                 sc_entry_value(e)[0] = (sc_entry_value(e)[0] & FLAG_LIST) | FLAG_TOMB  # in place
                 self.n -= 1
                 dropped += 1
-        # 2. LMDB records of this state, round robin across key groups
-        start = None if self.lcursor is None else self.lcursor + b"\x00"
-        batch = self.s.sid_scan(self.sidb, start, n)
-        if len(batch) < <long>n:
+        # 2. LMDB records of this state, round robin across key groups: n per call, read ahead in chunks
+        #    (one cursor pass per CLEANUP_CHUNK records; a chunk is dropped when the read transaction ends)
+        if not self.s.spilled:
+            self.s.maybe_flush()
+            return dropped
+        if self.lchunk is None or self.lpos >= len(self.lchunk) or self.lgen != self.s.rgen:
+            start = None if self.lcursor is None else self.lcursor + b"\x00"
+            chunk = max(<long>n, <long>CLEANUP_CHUNK)
+            self.lchunk = self.s.sid_scan(self.sidb, start, chunk)
+            self.lgen = self.s.rgen
+            self.lpos = 0
+            self.lwrap = len(self.lchunk) < chunk
+        end = min(self.lpos + <Py_ssize_t>n, len(self.lchunk))
+        batch = self.lchunk[self.lpos:end]
+        self.lpos = end
+        if end:
+            self.lcursor = self.lchunk[end - 1][0]
+        if self.lwrap and end >= len(self.lchunk):
             self.lcursor = None  # wrap around next time
-        else:
-            self.lcursor = batch[len(batch) - 1][0]
         for lkey, raw in batch:
             if is_delta(raw):
                 continue  # visited with its base
             parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+            if layout != LAYOUT_LIST and not sc_ttl_expired(ts, ttl, now):
+                continue  # live (a newer buffered version, if any, is newer still)
             key = lkey if fk is NULL else as_bytes(fk, fkl)
             h = sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
             if self.s.bfind(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h) is not NULL:

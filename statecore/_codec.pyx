@@ -29,6 +29,12 @@ tag     payload
 NumPy scalars encode as their Python equivalents (``np.int64(5)`` is ``5``).
 Subclasses of tuple/list/dict (e.g. namedtuples) encode as the base type.
 Nesting is limited to ``MAX_DEPTH`` levels on encode and decode.
+
+Debug switch (negative control for the fuzz harnesses, never for production):
+``STATECORE_DEBUG_AUTO_PICKLE_FALLBACK=1`` in the environment *at import time*
+makes Auto decode an unknown tag by handing the remaining bytes to
+``pickle.loads``: a planted code-execution bug that fuzz/ and
+tests/test_fuzz.py must catch.  It is read once, into a C flag; default off.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
@@ -43,6 +49,7 @@ from statecore._csrc cimport (SC_OK, sc_be64_get, sc_be64_put, sc_buf, sc_buf_fr
 
 import io as _io
 import json as _json
+import os as _os
 import pickle as _pickle
 
 from statecore.errors import SerializationError
@@ -56,6 +63,9 @@ cdef int _MAX_DEPTH = MAX_DEPTH
 
 cdef uint64_t SIGN = 0x8000000000000000ULL
 cdef object _np = None
+
+# Planted bug for the fuzzing negative control (see the module docstring); read once, default off.
+cdef bint _DEBUG_AUTO_PICKLE_FALLBACK = _os.environ.get("STATECORE_DEBUG_AUTO_PICKLE_FALLBACK") == "1"
 
 
 cdef inline object numpy():
@@ -544,6 +554,13 @@ cdef object auto_decode(_Reader r, int depth):
             return d
         items = [auto_decode(r, depth + 1) for i in range(n)]
         return tuple(items) if tag == TAG_TUPLE else items
+    if _DEBUG_AUTO_PICKLE_FALLBACK:  # planted bug, off unless the debug env var was set at import
+        try:
+            value = _pickle.loads(PyBytes_FromStringAndSize(<const char *>r.p - 1, r.end - r.p + 1))
+        except Exception as exc:  # a careful-looking bug: only code execution gives it away
+            raise SerializationError(f"Auto: cannot decode these bytes: {exc}") from None
+        r.p = r.end
+        return value
     raise SerializationError(f"Auto: cannot decode these bytes: unknown type tag 0x{tag:02x}")
 
 

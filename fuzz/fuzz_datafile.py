@@ -43,13 +43,12 @@ atheris_shim.instrument(operator_state._read_states, operator_state._get_bytes, 
 MAX_PARALLELISM = 4
 ROOT = f"memory://statecore-fuzz-datafile-{os.getpid()}"
 ALLOWED = (CorruptCheckpointError, SerializationError)
-#: Known finding (reported in issue 7, T3): ``load_section`` copies list-state blobs without checking their
-#: record structure, so a data file whose checksum is valid but whose list blob is malformed restores
-#: fine and then fails on *read* with a plain ``StateError("... corrupt list state ...")`` instead of
-#: ``CorruptCheckpointError`` at restore.  Tolerated on read-back only, by exact message, until
-#: _states.pyx validates list blobs at load time; ``STATECORE_FUZZ_STRICT=1`` turns the tolerance off.
+#: Fixed finding (issue 7, T3): ``load_section`` used to copy list-state blobs without checking their
+#: record structure, so a malformed blob under a valid checksum failed only on read with a plain
+#: ``StateError``.  Restore now validates list records and raises ``CorruptCheckpointError``; the old
+#: read-back tolerance is kept behind ``STATECORE_FUZZ_STRICT=0`` for bisecting old builds only.
 KNOWN_READ_ERROR = "statecore: corrupt list state (malformed record)"
-STRICT = os.environ.get("STATECORE_FUZZ_STRICT") == "1"
+STRICT = os.environ.get("STATECORE_FUZZ_STRICT", "1") == "1"
 
 
 def descriptors():

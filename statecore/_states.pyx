@@ -253,6 +253,18 @@ cdef inline int check_sink(int rc) except -1:
     return 0
 
 
+cdef bint valid_list_blob(const uint8_t *p, const uint8_t *end) noexcept nogil:
+    """A ListState value is a sequence of well-formed records (checked on restore, before it is stored)."""
+    cdef const uint8_t *el
+    cdef size_t ell
+    cdef int64_t ts
+    cdef int rc
+    while True:
+        rc = read_record(&p, end, &ts, &el, &ell)
+        if rc <= 0:
+            return rc == 0
+
+
 def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, Py_ssize_t length, int kg,
                  dict sidmap, str where):
     """Insert the records of one key-group section into the restored tables.
@@ -322,12 +334,15 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
         elif layout == LAYOUT_MAP:
             plen = kl - parts.uklen
             table.mput(kbuf.data, plen, sc_table_hash(kbuf.data, plen), parts.user_key, parts.uklen, v, vl, ts)
+        elif layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
+            raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
         elif parts.uklen:
             raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
-        else:
+        if layout != LAYOUT_MAP and ts != TOMBSTONE:
             table.put(kbuf.data, kl, sc_table_hash(kbuf.data, kl), v, vl, ts)
         n += 1
     return n
+
 
 # ------------------------------------------------------------------ storage
 

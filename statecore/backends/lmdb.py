@@ -20,6 +20,8 @@ import re
 import shutil
 import tempfile
 
+import lmdb
+
 from statecore._lmdb import LMDBStateTable, LMDBStore
 from statecore._states import KeyedStateBackend
 from statecore.backends.base import StateBackend
@@ -49,7 +51,19 @@ if hasattr(os, "register_at_fork"):
 
 
 def _acquire(path):
-    """Lock (and wipe) working directory ``path``; return the lock fd.  StateError when in use."""
+    """Lock (and wipe) working directory ``path``; return the lock fd.  StateError when in use.
+
+    I/O failures (a full disk, EIO, a read-only file system) raise StateError naming the path.
+    """
+    try:
+        return _acquire_dir(path)
+    except StateError:
+        raise
+    except OSError as e:
+        raise StateError(f"cannot prepare the LMDB working directory {path!r}: {e}") from e
+
+
+def _acquire_dir(path):
     os.makedirs(path, exist_ok=True)
     names = set(os.listdir(path))
     if names and MARKER not in names:
@@ -62,15 +76,19 @@ def _acquire(path):
         os.close(fd)
         raise StateError(f"LMDB working directory {path!r} is in use by another process (its lock file is "
                          f"held); give each process its own db_path") from None
-    # ours and not locked: left over by an earlier process, so scratch
-    for name in names - {LOCK, MARKER}:
-        p = os.path.join(path, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        else:
-            os.unlink(p)
-    with open(os.path.join(path, MARKER), "w") as f:
-        f.write("statecore LMDB working directory (scratch; wiped on reopen)\n")
+    try:
+        # ours and not locked: left over by an earlier process, so scratch
+        for name in names - {LOCK, MARKER}:
+            p = os.path.join(path, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        with open(os.path.join(path, MARKER), "w") as f:
+            f.write("statecore LMDB working directory (scratch; wiped on reopen)\n")
+    except BaseException:
+        os.close(fd)  # do not keep the directory locked by a backend that was never created
+        raise
     return fd
 
 
@@ -115,6 +133,9 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
                                     map_size=map_size, max_readers=max_readers, dirty_budget=dirty_budget,
                                     max_write_buffer_number=max_write_buffer_number, cache_entries=cache_entries,
                                     cache_bytes=cache_bytes, clock=clock)
+        except lmdb.Error as e:
+            self._release_dir()
+            raise StateError(f"cannot open the LMDB environment in {os.path.join(self._dir, 'env')!r}: {e}") from e
         except BaseException:
             self._release_dir()
             raise

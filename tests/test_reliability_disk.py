@@ -1,0 +1,626 @@
+"""Disk full and EIO (RELIABILITY.md T8): real ENOSPC on a size-limited tmpfs, and strace fault injection.
+
+Two mechanisms, each driving a CHILD process (``python tests/test_reliability_disk.py <mode> ...``):
+
+(a) **tmpfs**: ``unshare -m`` + ``mount -t tmpfs -o size=64m`` (a private mount namespace, so nothing
+    leaks to the host); both the LMDB ``db_path`` and the checkpoint directory live on it.  A filler
+    file leaves a chosen number of bytes free (real ENOSPC from the kernel, short writes included).
+    Skipped with the reason when the mount is refused (no CAP_SYS_ADMIN / EPERM).
+    * checkpoint sweep: 30 free-space levels spanning the size of one checkpoint (ENOSPC lands in the
+      data file, in the metadata temp file, or not at all), heap and LMDB tiers alternating,
+      ``checkpoint`` and ``checkpoint_async`` alternating;
+    * spill: an LMDB tier writes until a flush hits the full disk.
+(b) **strace** (``strace -f --seccomp-bpf -e inject=write:error=ENOSPC:when=N`` / ``fsync:error=EIO``,
+    run on ``sys.executable``, never a shim): a dry run lists the ``write``/``fsync`` calls of the
+    checkpoint thread over 4 checkpoints (syscall injection is counted per thread); then one child per
+    injection point (30 in CI) fails exactly that call.  The child writes its report with ``writev``
+    so no injected ``write`` can hit it.
+
+Checked after every fault (in the child for (a), in the parent for (b)):
+* a checkpoint that hits the fault raises ``CheckpointError`` (never another type, never success:
+  an fsync EIO is never retried into a success);
+* no partial checkpoint is accepted: every folder ``list_checkpoints`` reports loads and restores to
+  exactly the model of its id; a failed id has no ``_metadata`` (``load_checkpoint`` rejects it);
+* the previous checkpoint still restores; after the space is freed (or the single fault passed) the
+  next checkpoint succeeds and restores to the model;
+* spill: the full disk surfaces as ``StateError`` (never a raw ``lmdb.Error``), every value written
+  before stays readable, and the child never dies of SIGBUS.
+
+Negative control: with ``STATECORE_DEBUG_SKIP_FSYNC=1`` (storage.py's planted bug) the fsync EIO
+points are never reached, so the same sweep must report that the fsync faults were not detected.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOAK = os.environ.get("STATECORE_SOAK") == "1"
+TMPFS_POINTS = 120 if SOAK else 30
+STRACE_POINTS = 200 if SOAK else 30
+CHECKPOINTS = 4          # per strace child
+NUM_RETAINED = 2         # so retention deletes (and fsyncs) happen inside the strace runs
+KEYS = 600
+PAD = 1000            # main-thread write calls made before any injection point can be reached
+MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def model_at(seed, step):
+    """The deterministic state after ``step`` update rounds: {key: str value}."""
+    rng = random.Random(seed)
+    model = {}
+    for s in range(step + 1):
+        for k in rng.sample(range(KEYS), KEYS // 2 if s else KEYS):
+            model[k] = f"{s}:{k}:" + "x" * rng.randrange(100, 500)
+        for k in rng.sample(range(KEYS), 20 if s else 0):
+            model.pop(k, None)
+    return model
+
+
+def apply(kb, st, old, new):
+    for k in old.keys() - new.keys():
+        kb.set_current_key(k)
+        st.clear()
+    for k, v in new.items():
+        if old.get(k) != v:
+            kb.set_current_key(k)
+            st.update(v)
+
+
+def dump(kb, name="v"):
+    import statecore as sc
+    st = kb.get_state(sc.ValueStateDescriptor(name))
+    out = {}
+    for k in kb.get_keys(name):
+        kb.set_current_key(k)
+        out[k] = st.value()
+    return out
+
+
+def restore_dump(location):
+    import statecore as sc
+    kb = sc.HashMapStateBackend().restore_keyed_state_backend([location], max_parallelism=128)
+    try:
+        return dump(kb)
+    finally:
+        kb.close()
+
+
+def make_backend(kind, root, num_retained=NUM_RETAINED):
+    import statecore as sc
+    storage = sc.FileSystemCheckpointStorage(os.path.join(root, "ckpt"))
+    if kind == "lmdb":
+        backend = sc.LMDBStateBackend(db_path=os.path.join(root, "db"), write_buffer_size=32 << 10,
+                                      map_size=MIB, checkpoint_storage=storage)
+    else:
+        backend = sc.HashMapStateBackend(checkpoint_storage=storage)
+    backend.num_retained = num_retained
+    return backend
+
+
+def folder_verdicts(storage, job="job", op="operator"):
+    """{checkpoint id: (committed, error or None)} for every chk-* folder on storage."""
+    from statecore import CorruptCheckpointError, load_checkpoint
+    base = os.path.join(storage.uri, job, op)
+    listed = set(storage.list_checkpoints(job, op))
+    out = {}
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        m = re.match(r"chk-(\d+)-", name)
+        if not m:
+            continue
+        loc = os.path.join(base, name)
+        try:
+            load_checkpoint(loc)
+            out[int(m.group(1))] = (loc, loc in listed, None)
+        except CorruptCheckpointError as e:
+            out[int(m.group(1))] = (loc, loc in listed, f"CorruptCheckpointError: {e}")
+    return out
+
+
+def err_name(e):
+    return f"{type(e).__module__}.{type(e).__name__}"
+
+
+# ----------------------------------------------------------------------------- (a) tmpfs child
+
+def _fill(mnt, leave):
+    """Create/resize the filler so that about ``leave`` bytes stay free; returns the free bytes."""
+    path = os.path.join(mnt, "filler")
+    if os.path.exists(path):
+        os.unlink(path)
+    st = os.statvfs(mnt)
+    free = st.f_bavail * st.f_frsize
+    want = max(0, free - leave)
+    with open(path, "wb") as f:
+        chunk = b"\0" * MIB
+        while want > 0:
+            try:
+                f.write(chunk[:min(want, MIB)])
+                f.flush()
+            except OSError:
+                break
+            want -= min(want, MIB)
+    st = os.statvfs(mnt)
+    return st.f_bavail * st.f_frsize
+
+
+def _free(mnt):
+    try:
+        os.unlink(os.path.join(mnt, "filler"))
+    except FileNotFoundError:
+        pass
+
+
+def tmpfs_checkpoint_point(mnt, i, leave, report):
+    import statecore as sc
+    from statecore import CheckpointError
+    root = os.path.join(mnt, f"p{i}")
+    os.makedirs(root)
+    kind = "lmdb" if i % 2 == 0 else "hashmap"
+    use_async = (i // 2) % 2 == 1
+    rec = {"point": i, "backend": kind, "async": use_async, "leave": leave}
+    backend = make_backend(kind, root, num_retained=1)
+    kb = backend.create_keyed_state_backend(max_parallelism=128)
+    try:
+        st = kb.get_state(sc.ValueStateDescriptor("v"))
+        m1, m2 = model_at(i, 0), model_at(i, 1)
+        apply(kb, st, {}, m1)
+        c1 = kb.checkpoint(1)
+        apply(kb, st, m1, m2)
+        rec["free"] = _fill(mnt, leave)
+        try:
+            c2 = kb.checkpoint_async(2).result(60) if use_async else kb.checkpoint(2)
+            rec["chk2"] = "ok"
+        except CheckpointError as e:
+            rec["chk2"] = f"CheckpointError: {str(e)[-200:]}"
+            c2 = None
+        except BaseException as e:  # noqa: BLE001
+            report["failures"].append(f"point {i}: checkpoint 2 raised {err_name(e)}: {e}")
+            c2 = None
+        verdicts = folder_verdicts(backend.checkpoint_storage)
+        for cid, (loc, listed, err) in verdicts.items():
+            if listed and err:
+                report["failures"].append(f"point {i}: {loc} is listed as committed but rejected: {err}")
+            if listed and not err:
+                got, want = restore_dump(loc), (m1 if cid == 1 else m2)
+                if got != want:
+                    report["failures"].append(f"point {i}: committed checkpoint {cid} does not match its model")
+        if c2 is None:
+            if verdicts.get(2, (None, False, None))[1]:
+                report["failures"].append(f"point {i}: failed checkpoint 2 is listed as committed")
+            if restore_dump(c1.location) != m1:
+                report["failures"].append(f"point {i}: previous checkpoint 1 no longer restores")
+        elif restore_dump(c2.location) != m2:
+            report["failures"].append(f"point {i}: checkpoint 2 reported ok but does not restore to the model")
+        _free(mnt)
+        c3 = kb.checkpoint(3)
+        if restore_dump(c3.location) != m2:
+            report["failures"].append(f"point {i}: checkpoint 3 after freeing space does not restore to the model")
+        rec["chk3"] = "ok"
+    except BaseException as e:  # noqa: BLE001
+        report["failures"].append(f"point {i}: {err_name(e)}: {e}\n{traceback.format_exc()}")
+    finally:
+        _free(mnt)
+        kb.close()
+        shutil.rmtree(root, ignore_errors=True)
+    report["points"].append(rec)
+
+
+def tmpfs_spill(mnt, j, leave, report):
+    """An LMDB tier writes until a flush hits the full disk."""
+    import statecore as sc
+    from statecore import StateError
+    root = os.path.join(mnt, f"s{j}")
+    os.makedirs(root)
+    backend = make_backend("lmdb", root, num_retained=1)
+    kb = backend.create_keyed_state_backend(max_parallelism=128)
+    rec = {"leave": leave}
+    try:
+        st = kb.get_state(sc.ValueStateDescriptor("v"))
+        db_dir = kb.db_dir
+        rec["free"] = _fill(mnt, leave)
+        model, failed_key, err = {}, None, None
+        for k in range(10 ** 6):
+            v = f"{k}:" + "s" * 300
+            try:
+                kb.set_current_key(k)
+                st.update(v)
+            except BaseException as e:  # noqa: BLE001
+                failed_key, err = k, e
+                break
+            model[k] = v
+        rec["written_before_error"] = len(model)
+        if err is None:
+            report["failures"].append(f"spill {j}: no error after {len(model)} writes on a full disk")
+            return
+        rec["error"] = f"{err_name(err)}: {err}"
+        rec["names_path"] = db_dir in str(err) or os.path.join(db_dir, "env") in str(err)
+        if not isinstance(err, StateError):
+            report["failures"].append(f"spill {j}: the full disk surfaced as {err_name(err)}, not StateError: {err}")
+        # In-memory (and already flushed) state stays readable.
+        bad = 0
+        for k, v in model.items():
+            try:
+                kb.set_current_key(k)
+                if st.value() != v:
+                    bad += 1
+            except BaseException as e:  # noqa: BLE001
+                report["failures"].append(f"spill {j}: reading key {k} after the error raised {err_name(e)}: {e}")
+                break
+        rec["unreadable"] = bad
+        if bad:
+            report["failures"].append(f"spill {j}: {bad} of {len(model)} values wrong after the spill error")
+        # The failing write's value is indeterminate (the error reports an earlier background flush).
+        kb.set_current_key(failed_key)
+        got = st.value()
+        rec["failed_write_applied"] = got is not None
+        want = dict(model)
+        if got is not None:
+            want[failed_key] = got
+        try:
+            kb.checkpoint(1)
+            rec["chk_full"] = "ok"
+        except BaseException as e:  # noqa: BLE001
+            rec["chk_full"] = f"{err_name(e)}: {str(e)[:160]}"
+            if not isinstance(e, sc.CheckpointError):
+                report["failures"].append(f"spill {j}: checkpoint on the full disk raised {err_name(e)}: {e}")
+        _free(mnt)
+        c = kb.checkpoint(2)
+        if restore_dump(c.location) != want:
+            report["failures"].append(f"spill {j}: checkpoint after freeing space does not restore to the model")
+        rec["chk_after_free"] = "ok"
+        try:
+            kb.set_current_key(10 ** 7)
+            st.update("after")
+            kb.flush()
+            rec["writes_after_free"] = "ok"
+        except BaseException as e:  # noqa: BLE001
+            rec["writes_after_free"] = f"{err_name(e)}: {str(e)[:120]}"
+    except BaseException as e:  # noqa: BLE001
+        report["failures"].append(f"spill {j}: {err_name(e)}: {e}\n{traceback.format_exc()}")
+    finally:
+        _free(mnt)
+        kb.close()
+        shutil.rmtree(root, ignore_errors=True)
+        report["spills"].append(rec)
+
+
+def tmpfs_child(mnt, out_path, points):
+    import statecore as sc
+    report = {"failures": [], "points": [], "spills": []}
+    # size one checkpoint of the sweep's state (step 1): the free levels span it
+    probe = os.path.join(mnt, "probe")
+    kb = make_backend("hashmap", probe).create_keyed_state_backend(max_parallelism=128)
+    st = kb.get_state(sc.ValueStateDescriptor("v"))
+    apply(kb, st, {}, model_at(0, 1))
+    c = kb.checkpoint(1)
+    size = sum(f["length"] for f in c.metadata["files"]) + 8192
+    kb.close()
+    shutil.rmtree(probe)
+    report["checkpoint_bytes"] = size
+    for i in range(points):
+        leave = (size + 3 * 4096) * i // max(1, points - 1)
+        tmpfs_checkpoint_point(mnt, i, leave, report)
+    for j, leave in enumerate([0, 256 << 10, 2 * MIB]):
+        tmpfs_spill(mnt, j, leave, report)
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+# ----------------------------------------------------------------------------- (b) strace child
+
+def strace_child(kind, root, seed, out_path):
+    """4 checkpoints of a deterministic stream; outcomes written with writev (never 'write')."""
+    import statecore as sc
+    # strace counts injections per syscall and per THREAD: move this (main) thread's write and fsync
+    # counters past every injection point, so only the checkpoint thread can be hit.
+    fd = os.open(os.devnull, os.O_WRONLY)
+    for _ in range(PAD):
+        try:
+            os.write(fd, b"")
+        except OSError:
+            pass  # this padding call was the injection point's victim
+    os.close(fd)
+    results = []
+    backend = make_backend(kind, root)
+    kb = backend.create_keyed_state_backend(max_parallelism=128)
+    st = kb.get_state(sc.ValueStateDescriptor("v"))
+    prev = {}
+    for cid in range(1, CHECKPOINTS + 1):
+        m = model_at(seed, cid)
+        apply(kb, st, prev, m)
+        prev = m
+        try:
+            if cid % 2:
+                kb.checkpoint(cid)
+            else:
+                kb.checkpoint_async(cid).result(60)
+            results.append({"id": cid, "ok": True})
+        except BaseException as e:  # noqa: BLE001
+            results.append({"id": cid, "ok": False, "type": err_name(e), "error": str(e)[:300],
+                            "is_checkpoint_error": isinstance(e, sc.CheckpointError)})
+    kb.close()
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.writev(fd, [json.dumps(results).encode()])
+    os.close(fd)
+
+
+def strace_cmd(log, inject=None):
+    cmd = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=write,fsync,openat", "-o", log]
+    if inject:
+        cmd += ["-e", f"inject={inject}"]
+    return cmd + [sys.executable, os.path.abspath(__file__)]
+
+
+def ckpt_thread_calls(log):
+    """[(tid, syscall)] of the checkpoint thread's write/fsync calls (in order) from an strace log."""
+    with open(log) as f:
+        lines = f.read().splitlines()
+    tids = set()
+    for ln in lines:
+        m = re.match(r"(\d+)\s+openat\(.*chk-\d+", ln)
+        if m:
+            tids.add(m.group(1))
+    calls = []
+    for ln in lines:
+        m = re.match(r"(\d+)\s+(write|fsync)\(", ln)
+        if m and m.group(1) in tids:
+            calls.append((m.group(1), m.group(2), "INJECTED" in ln))
+    return tids, calls
+
+
+# ----------------------------------------------------------------------------- tests
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in sys.path if p]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tmpfs_enospc_checkpoints_and_spill(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = tmp_path / "report.json"
+    script = (f"mount -t tmpfs -o size=64m statecore-t8 {mnt} || exit 77; "
+              f"exec {sys.executable} {os.path.abspath(__file__)} tmpfs-child {mnt} {out} {TMPFS_POINTS}")
+    try:
+        proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                              capture_output=True, text=True, timeout=540, env=_env())
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is not installed")
+    if proc.returncode == 77 or (proc.returncode != 0 and ("Operation not permitted" in proc.stderr
+                                                           or "permission denied" in proc.stderr.lower())):
+        pytest.skip(f"cannot mount a private tmpfs here (needs CAP_SYS_ADMIN): {proc.stderr.strip()[:200]}")
+    assert proc.returncode != -signal.SIGBUS, "the child died of SIGBUS"
+    assert proc.returncode == 0, f"child exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    outcomes = {}
+    for p in report["points"]:
+        key = "ok" if p.get("chk2") == "ok" else ("ENOSPC" if "Errno 28" in p.get("chk2", "") else
+                                                   p.get("chk2", "missing"))
+        outcomes[key] = outcomes.get(key, 0) + 1
+    print(f"\nT8 tmpfs: {len(report['points'])} free-space levels over a {report['checkpoint_bytes']} B checkpoint: "
+          f"checkpoint 2 outcomes {outcomes}; spills:")
+    for s in report["spills"]:
+        print(f"  leave {s.get('leave')} B: {s.get('written_before_error')} writes before "
+              f"{s.get('error', '')[:150]!r}; names path: {s.get('names_path')}; unreadable {s.get('unreadable')}; "
+              f"failing write applied: {s.get('failed_write_applied')}; checkpoint on full disk: "
+              f"{s.get('chk_full', '')[:80]!r}; after free: {s.get('chk_after_free')}; "
+              f"writes after free: {s.get('writes_after_free', '')[:100]!r}")
+    assert not report["failures"], "\n".join(report["failures"][:10])
+    assert len(report["points"]) == TMPFS_POINTS and len(report["spills"]) == 3
+    # the sweep really hit ENOSPC (and also succeeded where there was room)
+    assert outcomes.get("ENOSPC", 0) >= TMPFS_POINTS // 3 and outcomes.get("ok", 0) >= 1, outcomes
+
+
+def _strace_sweep(tmp_path, env, points):
+    """Dry runs + one child per injection point; returns (report dict, list of failure strings)."""
+    failures, runs = [], []
+    dry = {}
+    for kind in ("hashmap", "lmdb"):
+        root = tmp_path / f"dry-{kind}"
+        log = str(tmp_path / f"dry-{kind}.strace")
+        out = root / "out.json"
+        root.mkdir()
+        proc = subprocess.run(strace_cmd(log) + ["strace-child", kind, str(root), "7", str(out)],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(out.read_text())
+        assert all(r["ok"] for r in res), res
+        tids, calls = ckpt_thread_calls(log)
+        assert len(tids) == 1, f"expected one checkpoint thread, saw {tids}"
+        dry[kind] = [c[1] for c in calls]
+    plan = []
+    for kind, calls in dry.items():
+        for syscall in ("write", "fsync"):
+            n = sum(1 for c in calls if c == syscall)
+            for i in range(1, n + 1):
+                plan.append((kind, syscall, i))
+    rng = random.Random(5)
+    if len(plan) > points:
+        # keep every write point (few), sample the fsync points
+        writes = [p for p in plan if p[1] == "write"]
+        rest = [p for p in plan if p[1] != "write"]
+        plan = writes + sorted(rng.sample(rest, max(0, points - len(writes))))
+    for idx, (kind, syscall, n) in enumerate(plan):
+        err = "ENOSPC" if syscall == "write" else "EIO"
+        root = tmp_path / f"run{idx}"
+        root.mkdir()
+        log = str(tmp_path / f"run{idx}.strace")
+        out = root / "out.json"
+        proc = subprocess.run(strace_cmd(log, f"{syscall}:error={err}:when={n}") +
+                              ["strace-child", kind, str(root), "7", str(out)],
+                              capture_output=True, text=True, timeout=120, env=env)
+        where = f"{kind} {syscall}#{n} {err}"
+        if proc.returncode == -signal.SIGBUS:
+            failures.append(f"{where}: SIGBUS")
+            continue
+        if proc.returncode != 0 or not out.exists():
+            failures.append(f"{where}: child exit {proc.returncode}: {proc.stderr[-1500:]}")
+            continue
+        results = json.loads(out.read_text())
+        _, calls = ckpt_thread_calls(log)
+        injected = sum(1 for c in calls if c[2])
+        failed = [r for r in results if not r["ok"]]
+        run = {"where": where, "injected": injected, "failed": [(r["id"], r["error"][:100]) for r in failed]}
+        runs.append(run)
+        if injected != 1:
+            failures.append(f"{where}: {injected} faults injected into the checkpoint thread (expected 1)")
+        if injected and not failed:
+            failures.append(f"{where}: the injected {err} was not detected: every checkpoint reported success")
+        for r in failed:
+            if not r["is_checkpoint_error"]:
+                failures.append(f"{where}: checkpoint {r['id']} raised {r['type']} (not CheckpointError): {r['error']}")
+        if len(failed) > 1:
+            failures.append(f"{where}: a single fault failed {len(failed)} checkpoints: {run['failed']}")
+        # storage verdicts: committed folders restore exactly to their model; failed ids are not committed
+        import statecore as sc
+        storage = sc.FileSystemCheckpointStorage(str(root / "ckpt"))
+        verdicts = folder_verdicts(storage)
+        for cid, (loc, listed, verr) in verdicts.items():
+            if listed and verr:
+                failures.append(f"{where}: committed folder {loc} is rejected: {verr}")
+            elif listed and restore_dump(loc) != model_at(7, cid):
+                failures.append(f"{where}: committed checkpoint {cid} does not restore to its model")
+        for r in failed:
+            retention = "cannot delete checkpoint" in r["error"]
+            if verdicts.get(r["id"], (None, False, None))[1] and not retention:
+                failures.append(f"{where}: failed checkpoint {r['id']} is committed: {r['error']}")
+            run.setdefault("retention_failures", 0)
+            run["retention_failures"] += retention
+        newest_ok = max([r["id"] for r in results if r["ok"]], default=None)
+        if newest_ok is None or not verdicts.get(newest_ok, (None, False))[1]:
+            failures.append(f"{where}: the newest successful checkpoint {newest_ok} is not committed")
+        if results[-1]["ok"] is False and failed and failed[0]["id"] == CHECKPOINTS:
+            pass  # the fault hit the last checkpoint: nothing after it to show recovery
+        elif failed and not all(r["ok"] for r in results if r["id"] > failed[0]["id"]):
+            failures.append(f"{where}: checkpoints after the single fault did not all succeed")
+        shutil.rmtree(root, ignore_errors=True)
+    return {"plan": plan, "runs": runs, "dry": dry}, failures
+
+
+def _need_strace(tmp_path):
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    probe = subprocess.run(["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=none", sys.executable, "-c", "0"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_strace_enospc_and_fsync_eio_fail_that_checkpoint_only(tmp_path):
+    _need_strace(tmp_path)
+    report, failures = _strace_sweep(tmp_path, _env(), STRACE_POINTS)
+    runs = report["runs"]
+    retention = sum(r.get("retention_failures", 0) for r in runs)
+    print(f"\nT8 strace: checkpoint-thread calls per 4 checkpoints (dry run): "
+          f"{ {k: {s: v.count(s) for s in ('write', 'fsync')} for k, v in report['dry'].items()} }; "
+          f"{len(runs)} injection runs ({sum(1 for p in report['plan'] if p[1] == 'write')} write ENOSPC, "
+          f"{sum(1 for p in report['plan'] if p[1] == 'fsync')} fsync EIO), "
+          f"{sum(r['injected'] for r in runs)} faults injected, "
+          f"{sum(1 for r in runs if r['failed'])} runs with a failed checkpoint "
+          f"({retention} of them failed in retention after the commit)")
+    assert not failures, "\n".join(failures[:15])
+    assert len(runs) >= min(STRACE_POINTS, len(report["plan"])) and len(runs) >= 20
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_negative_control_skip_fsync_is_caught(tmp_path):
+    """Planted bug STATECORE_DEBUG_SKIP_FSYNC=1: the fsync EIO faults can no longer be detected."""
+    _need_strace(tmp_path)
+    env = dict(_env(), STATECORE_DEBUG_SKIP_FSYNC="1")
+    # the dry run itself still works (there are just no fsync calls); inject the fsyncs of a normal run
+    root = tmp_path / "neg"
+    root.mkdir()
+    log = str(tmp_path / "neg.strace")
+    out = root / "out.json"
+    proc = subprocess.run(strace_cmd(log, "fsync:error=EIO:when=2") + ["strace-child", "hashmap", str(root), "7",
+                                                                      str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    _, calls = ckpt_thread_calls(log)
+    injected = sum(1 for c in calls if c[2])
+    # The harness's checks for this run: exactly one injected fault and a failed checkpoint.
+    caught = injected != 1 or all(r["ok"] for r in results)
+    print(f"\nnegative control (skip fsync): {injected} faults injected, outcomes "
+          f"{[r['ok'] for r in results]} -> harness reports a failure: {caught}")
+    assert caught
+
+
+@pytest.mark.xfail(strict=True, reason="reported: the spill error from _lmdb.pyx LMDBStore.service() does not name "
+                                      "the LMDB path (the fix belongs in _lmdb.pyx)")
+@pytest.mark.timeout(120)
+def test_spill_error_names_the_path(tmp_path):
+    """Quick strace variant of the spill: every LMDB data write fails with ENOSPC."""
+    _need_strace(tmp_path)
+    out = tmp_path / "spill.json"
+    proc = subprocess.run(["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=pwrite64,pwritev,writev",
+                           "-e", "inject=pwrite64,pwritev:error=ENOSPC", "-o", str(tmp_path / "spill.strace"),
+                           sys.executable, os.path.abspath(__file__), "strace-spill", str(tmp_path / "r"), str(out)],
+                          capture_output=True, text=True, timeout=100, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    print(f"\nspill under strace ENOSPC: {res}")
+    assert res["is_state_error"] and res["readable"], res
+    assert res["names_path"], res["error"]
+
+
+def strace_spill(root, out_path):
+    import statecore as sc
+    backend = make_backend("lmdb", root)
+    kb = backend.create_keyed_state_backend(max_parallelism=128)
+    st = kb.get_state(sc.ValueStateDescriptor("v"))
+    res = {}
+    model = {}
+    for k in range(100000):
+        try:
+            kb.set_current_key(k)
+            st.update("q" * 200)
+        except BaseException as e:  # noqa: BLE001
+            res.update(error=f"{err_name(e)}: {e}", is_state_error=isinstance(e, sc.StateError),
+                       names_path=kb.db_dir in str(e))
+            break
+        model[k] = "q" * 200
+    ok = 0
+    for k, v in model.items():
+        kb.set_current_key(k)
+        ok += st.value() == v
+    res["readable"] = ok == len(model)
+    res["written"] = len(model)
+    kb.close()
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.writev(fd, [json.dumps(res).encode()])
+    os.close(fd)
+
+
+def _main(argv):
+    mode = argv[0]
+    if mode == "tmpfs-child":
+        tmpfs_child(argv[1], argv[2], int(argv[3]))
+    elif mode == "strace-child":
+        os.makedirs(argv[2], exist_ok=True)
+        strace_child(argv[1], argv[2], int(argv[3]), argv[4])
+    elif mode == "strace-spill":
+        os.makedirs(argv[1], exist_ok=True)
+        strace_spill(argv[1], argv[2])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    _main(sys.argv[1:])

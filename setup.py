@@ -6,7 +6,8 @@ Environment switches:
 
 * ``STATECORE_DEBUG=1``: -O0 -g, assertions on.
 * ``STATECORE_SANITIZE=1``: AddressSanitizer + UndefinedBehaviorSanitizer
-  (run the tests with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
+  with -fno-sanitize-recover=all and -fno-wrapv; see CONTRIBUTING.md for how to run the
+  tests under it (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``) and under valgrind.
 """
 import os
 
@@ -19,9 +20,13 @@ DEBUG = os.environ.get("STATECORE_DEBUG") == "1"
 SANITIZE = os.environ.get("STATECORE_SANITIZE") == "1"
 
 opt = ["-O0", "-g"] if DEBUG or SANITIZE else ["-O3"]
-san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if SANITIZE else []
-core_flags = ["-std=c11", "-Wall", "-Wextra", "-Werror"] + opt + san
-ext_flags = ["-Wall", "-Wno-unused-function"] + opt + san
+# -fno-sanitize-recover=all: every UBSan finding aborts (by default UBSan prints and goes on).
+# -fno-wrapv: Python's own CFLAGS carry -fwrapv, which makes signed overflow defined and so
+# switches UBSan's signed-integer-overflow check off; the sanitizer build wants it on.
+san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"] if SANITIZE else []
+san_cflags = san + ["-fno-wrapv"] if SANITIZE else []
+core_flags = ["-std=c11", "-Wall", "-Wextra", "-Werror"] + opt + san_cflags
+ext_flags = ["-Wall", "-Wno-unused-function"] + opt + san_cflags
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 if not DEBUG:
     macros.append(("NDEBUG", None))

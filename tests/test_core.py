@@ -26,7 +26,10 @@ def test_key_group_stable_across_hash_seeds(tmp_path):
 
     import statecore
     root = os.path.dirname(os.path.dirname(os.path.abspath(statecore.__file__)))  # installed or in-place
-    outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": s, "PATH": "", "PYTHONPATH": root},
+    # A minimal environment, except what a sanitizer run (CONTRIBUTING.md) needs to load the modules.
+    keep = {k: v for k, v in os.environ.items()
+            if k in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "PYTHONMALLOC")}
+    outs = {subprocess.run([sys.executable, "-c", code], env={**keep, "PYTHONHASHSEED": s, "PATH": "", "PYTHONPATH": root},
                            capture_output=True, text=True, check=True, cwd=tmp_path).stdout for s in ("0", "1", "random")}
     assert len(outs) == 1
 

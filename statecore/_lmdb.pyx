@@ -60,6 +60,13 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   ahead ``CLEANUP_CHUNK`` at a time in one cursor pass (dropped when the read
   transaction is renewed); unexpired records are skipped from their raw
   timestamp without touching the buffers.
+* Asynchronous checkpoints (``consistent_copy``): the cut is an :class:`LMDBCut`, one per store per
+  checkpoint (reused while nothing was written since): ``sc_table_clone`` copies of every buffer (bounded by
+  write_buffer_size x max_write_buffer_number) + its own LMDB read transaction (py-lmdb uses MDB_NOTLS, so
+  the checkpoint thread may use it), released when the last state's snapshot is done or fails, or by close.
+  LMDB append-deltas from the first sequence number of a buffer whose flush has started but which is not
+  retired are skipped (the buffer holds them), in the cut and in live reads alike.  While a cut holds its
+  transaction the map is not resized: a flush that fills it waits until the cut is released.
 * Fork: any use in a forked child raises StateError, and the at-fork hook
   keeps the child from ever closing the inherited environment.
 """
@@ -72,8 +79,8 @@ from posix.unistd cimport getpid
 
 from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
                               sc_buf_reserve, sc_entry, sc_entry_key, sc_entry_value, sc_kc_parse, sc_kc_parts,
-                              sc_now_ms, sc_table, sc_table_append, sc_table_delete, sc_table_delete_entry,
-                              sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next,
+                              sc_now_ms, sc_table, sc_table_append, sc_table_clone, sc_table_delete,
+                              sc_table_delete_entry, sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next,
                               sc_table_prefetch, sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._records cimport as_bytes, buf_init, filter_list_blob, reserve, restamp_blob
 from statecore._states cimport SnapshotSink, StateTable
@@ -107,6 +114,8 @@ cdef enum:
     MINDEX_ENTRY_BYTES = 96  # estimated bookkeeping bytes of one map key in a buffer's prefix index
     CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
 
+cdef uint64_t NO_FLOOR = 0xFFFFFFFFFFFFFFFFULL
+
 _STORES = weakref.WeakSet()
 _LEAKED = []  # environments inherited by a forked child: never closed there
 
@@ -133,6 +142,15 @@ cdef long filter_records(const uint8_t *v, size_t vl, int64_t ttl, int64_t now, 
 
 cdef inline int kind(sc_entry *e) noexcept:
     return sc_entry_value(e)[0] & FLAG_KIND
+
+
+cdef inline const uint8_t *bval(sc_entry *e) noexcept:
+    """The value bytes of a buffer entry (after its flag)."""
+    return sc_entry_value(e) + 1
+
+
+cdef inline size_t bvlen(sc_entry *e) noexcept:
+    return e.vlen - 1
 
 
 cdef int cmp_entry(const void *a, const void *b) noexcept nogil:
@@ -218,6 +236,57 @@ cdef bytes record_full_key(bytes lkey, bytes raw):
     return lkey
 
 
+cdef int llist_deltas(object txn, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts, uint64_t floor) except -1:
+    """Append the LMDB list of k (base + append-deltas below sequence ``floor``, in order) to out; 1 when a base
+    exists.  Deltas from ``floor`` on belong to a buffer that is still buffered (and holds them)."""
+    cdef int64_t dts
+    cdef const uint8_t *fk
+    cdef const uint8_t *v
+    cdef size_t fkl, vl
+    cdef int found = 0
+    cdef bytes lkey
+    lk = lmdb_key(k, kl)
+    cur = txn.cursor()
+    if not cur.set_range(lk):
+        return 0
+    for lkey, raw in cur:
+        if not lkey.startswith(lk) or (len(lkey) != len(lk) and len(lkey) != len(lk) + 8):
+            break
+        if len(lkey) != len(lk) and sc_be64_get(<const uint8_t *>PyBytes_AS_STRING(lkey) + len(lk)) >= floor:
+            continue
+        parse_record(raw, &dts, &fk, &fkl, &v, &vl)
+        if fk is not NULL and (fkl != kl or memcmp(fk, k, kl) != 0):
+            if len(lkey) == len(lk):
+                raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs "
+                                 "to another key")
+            continue
+        if len(lkey) == len(lk):
+            found = 1
+            ts[0] = dts
+        elif not found:
+            break  # deltas without a base: not a list of k
+        reserve(out, vl)
+        memcpy(out.data + out.len, v, vl)
+        out.len += vl
+    return found
+
+
+cdef list range_items_in(object txn, bytes p):
+    """[(full key, raw record)] of every LMDB record (in txn) whose composite key starts with p."""
+    cdef bytes head = p[:HASHED_HEAD]
+    out = []
+    cur = txn.cursor()
+    if not cur.set_range(head):
+        return out
+    for lkey, raw in cur:
+        if not lkey.startswith(head):
+            break
+        fk = record_full_key(lkey, raw) if (<bytes>raw)[0] & V_HASHED else lkey
+        if fk.startswith(p):
+            out.append((fk, raw))
+    return out
+
+
 cdef inline bint is_delta(bytes raw):
     return ((<const uint8_t *>PyBytes_AS_STRING(raw))[0] & V_DELTA) != 0
 
@@ -236,6 +305,7 @@ cdef class Memtable:
     cdef dict mindex          # map prefix -> set of full keys with an entry in this buffer
     cdef size_t mbytes        # estimated bytes of mindex
     cdef int state            # MT_PENDING / MT_FLUSHING / MT_DONE (only for immutable buffers)
+    cdef uint64_t seq_lo      # the first append-delta sequence number its flush used (set when it starts)
 
     def __cinit__(self):
         self.t = sc_table_new(16, 0)
@@ -301,6 +371,13 @@ cdef class LMDBStore:
     cdef public long long epoch  # bumped whenever the active buffer is replaced (its slots reset)
     cdef readonly bint spilled   # a buffer was ever frozen: LMDB may hold records (until then reads skip it)
     cdef long long rgen          # bumped whenever the read transaction ends (cached LMDB reads go stale)
+    cdef readonly unsigned long long wgen  # bumped by every write (a cached checkpoint cut is reusable until then)
+    cdef readonly int ncuts      # checkpoint cuts holding an LMDB read transaction (no map resize meanwhile)
+    cdef list cuts               # weak references to those cuts, oldest first
+    cdef object last_cut         # weak reference to the newest cut (shared by every state of one checkpoint)
+    cdef unsigned long long last_cut_wgen
+    cdef long long cut_serial
+    cdef readonly long long cut_grow_waits  # map resizes deferred until a checkpoint released its transaction
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -328,6 +405,7 @@ cdef class LMDBStore:
         self.clock = clock
         self.manual_clock = type(clock) is ManualClock
         self.ttl_tables = {}
+        self.cuts = []
         self.cv = threading.Condition(threading.Lock())
         self.pid = getpid()
         self.env = lmdb.open(path, map_size=map_size, subdir=True, sync=sync, metasync=sync, writemap=False,
@@ -384,6 +462,11 @@ cdef class LMDBStore:
             w = self.worker
         if w is not None:
             w.join()
+        for r in self.cuts:  # pending asynchronous checkpoints: stop them, end their transactions
+            c = r()
+            if c is not None:
+                (<LMDBCut>c).kill()
+        self.cuts = []
         for m in self.imm:
             m.release()
         self.imm = []
@@ -408,6 +491,12 @@ cdef class LMDBStore:
             self.signal = 0
             grow = self.grow_req
             err = self.error
+        if grow:
+            with self.cv:
+                # a checkpoint cut holds a read transaction: the flush thread waits until it is released
+                # (the release signals us); set_mapsize needs every transaction of the process closed
+                grow = self.ncuts == 0
+                self.cut_grow_waits += not grow
         if grow:
             self.end_read()  # with the flush thread waiting, no transaction is open in this process
             self.env.set_mapsize(self.env.info()["map_size"] * 2)
@@ -463,6 +552,7 @@ cdef class LMDBStore:
                         self.worker = None
                         return
                 m.state = MT_FLUSHING
+                m.seq_lo = self.seq
             try:
                 self.flush_memtable(m)
             except BaseException as ex:
@@ -525,12 +615,9 @@ cdef class LMDBStore:
 
     cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
         """Append the LMDB list of k (base + append-deltas in order) to out; 1 when a base exists."""
-        cdef int64_t dts
         cdef const uint8_t *fk
         cdef const uint8_t *v
         cdef size_t fkl, vl
-        cdef int found = 0
-        cdef bytes lkey
         if not self.spilled:
             return 0
         if self.ndeltas == 0:
@@ -542,45 +629,22 @@ cdef class LMDBStore:
             memcpy(out.data + out.len, v, vl)
             out.len += vl
             return 1
-        lk = lmdb_key(k, kl)
-        cur = self.txn().cursor()
-        if not cur.set_range(lk):
-            return 0
-        for lkey, raw in cur:
-            if not lkey.startswith(lk) or (len(lkey) != len(lk) and len(lkey) != len(lk) + 8):
-                break
-            parse_record(raw, &dts, &fk, &fkl, &v, &vl)
-            if fk is not NULL and (fkl != kl or memcmp(fk, k, kl) != 0):
-                if len(lkey) == len(lk):
-                    raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs "
-                                     "to another key")
-                continue
-            if len(lkey) == len(lk):
-                found = 1
-                ts[0] = dts
-            elif not found:
-                break  # deltas without a base: not a list of k
-            reserve(out, vl)
-            memcpy(out.data + out.len, v, vl)
-            out.len += vl
-        return found
+        return llist_deltas(self.txn(), k, kl, out, ts, self.delta_floor())
+
+    cdef uint64_t delta_floor(self) noexcept:
+        """LMDB append-deltas from this sequence number on were written by a buffer that is still buffered
+        (its flush started, it is not retired yet): reads take them from the buffer, not from LMDB."""
+        cdef Memtable m
+        for m in self.imm:
+            if m.state != MT_PENDING:
+                return m.seq_lo
+        return NO_FLOOR
 
     cdef list range_items(self, bytes p):
         """[(full key, raw record)] of every LMDB record whose composite key starts with p."""
-        cdef bytes head = p[:HASHED_HEAD]
-        out = []
         if not self.spilled:
-            return out
-        cur = self.txn().cursor()
-        if not cur.set_range(head):
-            return out
-        for lkey, raw in cur:
-            if not lkey.startswith(head):
-                break
-            fk = record_full_key(lkey, raw) if (<bytes>raw)[0] & V_HASHED else lkey
-            if fk.startswith(p):
-                out.append((fk, raw))
-        return out
+            return []
+        return range_items_in(self.txn(), p)
 
     cdef list sid_scan(self, bytes sidb, bytes start, long limit):
         """[(LMDB key, raw)] of state sidb (2 bytes) from LMDB key ``start`` on, across key groups."""
@@ -615,6 +679,24 @@ cdef class LMDBStore:
                 if key[:4] != head:
                     break
             target = key
+
+    # -- checkpoint cuts ----------------------------------------------------
+
+    cdef LMDBCut cut(self):
+        """The consistent cut of now: reused while nothing was written since the last one (so every state of
+        one checkpoint shares one cut: one copy of the buffers, one read transaction)."""
+        cdef LMDBCut c = None
+        self.guard()
+        if self.last_cut is not None and self.last_cut_wgen == self.wgen:
+            c = self.last_cut()
+            if c is not None and not c.retired:
+                return c
+        c = LMDBCut(self)
+        self.cuts = [r for r in self.cuts if r() is not None and not (<LMDBCut>r()).retired]
+        self.cuts.append(weakref.ref(c))
+        self.last_cut = weakref.ref(c)
+        self.last_cut_wgen = self.wgen
+        return c
 
     # -- buffers -----------------------------------------------------------
 
@@ -793,6 +875,7 @@ cdef class LMDBStore:
                   int64_t ts, size_t pl) except -1:
         """Write (flag, v) under k into the active buffer; pl > 0: a map entry with prefix length pl."""
         cdef Memtable a = self.act
+        self.wgen += 1
         reserve(&self.scratch, vl + 1)
         self.scratch.data[0] = <uint8_t>flag
         if vl:
@@ -1046,6 +1129,7 @@ cdef class LMDBStateTable(StateTable):
         if e is not NULL:
             if kind(e) == FLAG_PUT:
                 e.ts = ts
+                self.s.wgen += 1
             return 0
         if self.do_get(k, kl, h, &v, &vl, &old):  # in an immutable buffer, the cache or LMDB: copy it
             self.lb.len = 0
@@ -1086,6 +1170,7 @@ cdef class LMDBStateTable(StateTable):
         if m <= 0:
             return 0
         self.enter(keys, kl)
+        s.wgen += 1
         for j in range(m):
             sc_table_prefetch(s.buf, hs[j])
         for j in range(m):
@@ -1153,6 +1238,7 @@ cdef class LMDBStateTable(StateTable):
                 self.n += 1
             else:  # a put or a delta: append in place (keeps the entry's ts)
                 check(sc_table_append(self.s.buf, k, kl, h, v, vl, ts))
+                self.s.wgen += 1
         elif self.exists(k, kl, h):
             self.s.bput(k, kl, h, FLAG_MERGE | FLAG_LIST, v, vl, ts, 0)  # the stored list is not read
         else:
@@ -1339,6 +1425,7 @@ cdef class LMDBStateTable(StateTable):
                     break
             elif sc_ttl_expired(e.ts, ttl, now):
                 sc_entry_value(e)[0] = (sc_entry_value(e)[0] & FLAG_LIST) | FLAG_TOMB  # in place
+                self.s.wgen += 1
                 self.n -= 1
                 dropped += 1
         # 2. LMDB records of this state, round robin across key groups: n per call, read ahead in chunks
@@ -1464,8 +1551,16 @@ cdef class LMDBStateTable(StateTable):
         return self.each_live(sink, None)
 
     cdef object consistent_copy(self):
-        # LMDB-tier checkpoints serialize synchronously (the read transaction + buffers are the cut)
-        raise NotImplementedError("the LMDB tier serializes checkpoints synchronously")
+        """This state's view of the store's cut (one cut shared by every state of one checkpoint)."""
+        cdef LMDBCut c = self.s.cut()
+        cdef LMDBCutTable t = LMDBCutTable.__new__(LMDBCutTable)
+        t.c = c
+        t.sid = self.sid
+        t.sidb = self.sidb
+        t.lbit = self.lbit
+        t.n = self.n
+        c.users += 1
+        return t
 
     cdef int restamp(self, int64_t ts, int layout) except -1:
         cdef list entries = []
@@ -1481,3 +1576,424 @@ cdef class LMDBStateTable(StateTable):
                         map_prefix_len(kp, PyBytes_GET_SIZE(k)) if self.layout == LAYOUT_MAP else 0)
             self.s.maybe_flush()
         return 0
+
+
+# ---------------------------------------------------------------- asynchronous checkpoints
+
+@cython.final
+cdef class LMDBCut:
+    """A consistent cut of an LMDBStore for ``checkpoint_async``, taken synchronously, read later from the
+    checkpoint thread: copies of every write buffer (sc_table_clone; bounded by write_buffer_size x
+    max_write_buffer_number, with no Python objects) + an LMDB read transaction opened at cut time.
+
+    LMDB MVCC keeps the transaction's view fixed whatever is flushed later; the copies keep the buffered
+    data fixed.  py-lmdb opens environments with MDB_NOTLS, so a read transaction may be used from another
+    thread when uses do not overlap (``lock``).  While any cut holds its transaction the store does not
+    resize the map: a flush that fills the map waits until the cut is released (then the caller's thread
+    resizes).  The cut is released when the last state's view is done (its snapshot, or ``count`` after a
+    delta), when the snapshot fails, when an older cut is found alive by a newer one (checkpoints of a
+    backend run one at a time, so it is stale), when collected, or by ``LMDBStore.close`` (``kill``).
+    """
+    cdef LMDBStore s
+    cdef sc_table **tabs      # buffer copies, oldest first (the active buffer last)
+    cdef Py_ssize_t ntabs
+    cdef object txn           # None: LMDB was empty at cut time
+    cdef object tget
+    cdef object lock          # held around every use of txn / tabs
+    cdef bint cancel          # set by close(): a running snapshot stops at its next record
+    cdef readonly bint retired  # no new state view may join (released, or being released)
+    cdef bint holds_txn       # counted in s.ncuts
+    cdef uint64_t floor       # LMDB append-deltas from this sequence on are in a buffer copy
+    cdef long long ndeltas
+    cdef long long no         # creation order within the store
+    cdef int users            # state views not done yet
+    cdef object __weakref__
+
+    def __init__(self, LMDBStore s):
+        cdef Memtable m
+        cdef Py_ssize_t i
+        self.s = s
+        self.lock = threading.RLock()
+        s.cut_serial += 1
+        self.no = s.cut_serial
+        self.tabs = <sc_table **>malloc((s.nimm + 1) * sizeof(sc_table *))
+        if self.tabs is NULL:
+            raise MemoryError()
+        for m in s.imm + [s.act]:
+            if m.t is NULL or m.t.count == 0:
+                continue
+            self.tabs[self.ntabs] = sc_table_clone(m.t)
+            if self.tabs[self.ntabs] is NULL:
+                self.free_tabs()
+                raise MemoryError("statecore: out of memory while copying the write buffers for an "
+                                  "asynchronous checkpoint")
+            self.ntabs += 1
+        self.ndeltas = s.ndeltas
+        if s.spilled:
+            self.txn = s.env.begin(buffers=False)
+            self.tget = self.txn.get
+            with s.cv:
+                s.ncuts += 1
+                self.holds_txn = True
+        # after the transaction began: every delta it sees below the floor was flushed by a retired buffer
+        self.floor = s.delta_floor()
+
+    def __dealloc__(self):
+        try:
+            self.release()
+        except BaseException:
+            pass
+        self.free_tabs()
+
+    cdef void free_tabs(self) noexcept:
+        cdef Py_ssize_t i
+        if self.tabs is not NULL:
+            for i in range(self.ntabs):
+                sc_table_free(self.tabs[i])
+            free(self.tabs)
+            self.tabs = NULL
+        self.ntabs = 0
+
+    cdef int release(self) except -1:
+        """End the transaction and free the copies (any thread; idempotent)."""
+        cdef LMDBStore s = self.s
+        self.retired = True
+        if s is None:
+            return 0
+        with self.lock:
+            txn = self.txn
+            held = self.holds_txn
+            self.txn = None
+            self.tget = None
+            self.holds_txn = False
+            self.free_tabs()
+            if txn is not None:
+                txn.abort()
+        if held:
+            with s.cv:
+                s.ncuts -= 1
+                if s.grow_req:
+                    s.signal = 1  # the caller's thread resizes the map at its next operation (or stall)
+                s.cv.notify_all()
+        return 0
+
+    def kill(self):
+        """LMDBStore.close(): stop a running snapshot, release everything."""
+        self.cancel = True
+        self.release()
+
+    cdef int enter(self) except -1:
+        """Called with lock held, before reading."""
+        if self.cancel or self.s.closed:
+            from statecore.errors import BackendClosedError
+            raise BackendClosedError("the keyed state backend was closed before this asynchronous checkpoint "
+                                     "was read; its cut is gone")
+        if self.tabs is NULL and self.retired:
+            raise StateError("statecore: this checkpoint cut was already released")
+        return 0
+
+    cdef int release_older(self) except -1:
+        """Checkpoints of one backend run one at a time (in the order taken): older cuts still alive are stale
+        (their checkpoint failed before reading them) and only block map resizes."""
+        cdef LMDBCut o
+        for r in list(self.s.cuts):
+            o = r()
+            if o is not None and o is not self and o.no < self.no and not o.retired:
+                o.release()
+        return 0
+
+    cdef sc_entry *bfind(self, const uint8_t *k, size_t kl, uint32_t h) noexcept:
+        cdef Py_ssize_t i
+        cdef sc_entry *e
+        for i in range(self.ntabs - 1, -1, -1):
+            e = sc_table_find(self.tabs[i], k, kl, h)
+            if e is not NULL:
+                return e
+        return NULL
+
+    cdef object lget(self, const uint8_t *k, size_t kl):
+        cdef int64_t ts
+        cdef const uint8_t *fk
+        cdef const uint8_t *v
+        cdef size_t fkl, vl
+        if self.tget is None:
+            return None
+        if kl <= MAX_DIRECT_KEY:
+            return self.tget(as_bytes(k, kl))
+        raw = self.tget(lmdb_key(k, kl))
+        if raw is None:
+            return None
+        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+        if fk is NULL or fkl != kl or memcmp(fk, k, kl) != 0:
+            raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs to "
+                             "another key")
+        return raw
+
+    cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
+        cdef const uint8_t *fk
+        cdef const uint8_t *v
+        cdef size_t fkl, vl
+        if self.txn is None:
+            return 0
+        if self.ndeltas == 0:
+            raw = self.lget(k, kl)
+            if raw is None:
+                return 0
+            parse_record(raw, ts, &fk, &fkl, &v, &vl)
+            reserve(out, vl)
+            memcpy(out.data + out.len, v, vl)
+            out.len += vl
+            return 1
+        return llist_deltas(self.txn, k, kl, out, ts, self.floor)
+
+    cdef int resolve_list(self, const uint8_t *k, size_t kl, uint32_t h, sc_buf *rb, int64_t *ts) except -1:
+        """The full list of k at the cut into rb (base + deltas, oldest first); 0 when there is none."""
+        cdef Py_ssize_t i, j, nd = 0
+        cdef sc_entry *e
+        cdef sc_entry *base = NULL
+        cdef sc_entry **deltas = <sc_entry **>malloc((self.ntabs + 1) * sizeof(sc_entry *))
+        if deltas is NULL:
+            raise MemoryError()
+        try:
+            for i in range(self.ntabs - 1, -1, -1):  # newest first
+                e = sc_table_find(self.tabs[i], k, kl, h)
+                if e is NULL:
+                    continue
+                if kind(e) == FLAG_MERGE:
+                    deltas[nd] = e
+                    nd += 1
+                    continue
+                base = e
+                break
+            rb.len = 0
+            if nd:
+                ts[0] = deltas[0].ts
+            if base is NULL:
+                if not self.llist(k, kl, rb, ts) and nd == 0:
+                    return 0
+            elif kind(base) == FLAG_PUT:
+                reserve(rb, bvlen(base))
+                memcpy(rb.data, bval(base), bvlen(base))
+                rb.len = bvlen(base)
+                ts[0] = base.ts
+            elif nd == 0:
+                return 0
+            for j in range(nd - 1, -1, -1):  # oldest delta first
+                e = deltas[j]
+                reserve(rb, bvlen(e))
+                memcpy(rb.data + rb.len, bval(e), bvlen(e))
+                rb.len += bvlen(e)
+            return 1
+        finally:
+            free(deltas)
+
+    cdef long long each_live(self, int sid, bytes sidb, int lbit, SnapshotSink sink, sc_buf *rb) except -1:
+        """LMDBStateTable.each_live at the cut (into sink)."""
+        cdef long long n = 0
+        cdef int64_t ts
+        cdef const uint8_t *fk
+        cdef const uint8_t *v
+        cdef const uint8_t *kp
+        cdef size_t fkl, vl, pos, kl
+        cdef uint32_t h
+        cdef sc_entry *e
+        cdef Py_ssize_t i
+        cdef bytes key
+        cdef long kgi
+        if self.txn is not None:
+            cur = self.txn.cursor()
+            target = b"\x00\x00" + sidb
+            while cur.set_range(target):
+                if self.cancel:
+                    self.enter()
+                lkey = cur.key()
+                if lkey[2:4] != sidb:
+                    kgi = int.from_bytes(lkey[:2], "big") + (1 if lkey[2:4] > sidb else 0)
+                    if kgi > 0xFFFF:
+                        break
+                    target = kgi.to_bytes(2, "big") + sidb
+                    continue
+                raw = cur.value()
+                if not is_delta(raw):
+                    parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+                    key = lkey if fk is NULL else as_bytes(fk, fkl)
+                    kp = <const uint8_t *>PyBytes_AS_STRING(key)
+                    kl = <size_t>PyBytes_GET_SIZE(key)
+                    h = sc_table_hash(kp, kl)
+                    if self.bfind(kp, kl, h) is NULL:
+                        if lbit and self.ndeltas:
+                            if self.resolve_list(kp, kl, h, rb, &ts):
+                                emit_to(sink, kp, kl, rb.data, rb.len, ts)
+                                n += 1
+                        else:
+                            emit_to(sink, kp, kl, v, vl, ts)
+                            n += 1
+                if not cur.next():
+                    break
+                target = cur.key()
+            cur = None
+        for i in range(self.ntabs):
+            pos = 0
+            while True:
+                e = sc_table_next(self.tabs[i], &pos)
+                if e is NULL:
+                    break
+                if e.klen < 4 or sc_be16_get(sc_entry_key(e) + 2) != sid:
+                    continue
+                if self.bfind(sc_entry_key(e), e.klen, e.hash) != e or kind(e) == FLAG_TOMB:
+                    continue
+                if kind(e) == FLAG_MERGE:
+                    if self.resolve_list(sc_entry_key(e), e.klen, e.hash, rb, &ts):
+                        emit_to(sink, sc_entry_key(e), e.klen, rb.data, rb.len, ts)
+                        n += 1
+                else:
+                    emit_to(sink, sc_entry_key(e), e.klen, bval(e), bvlen(e), e.ts)
+                    n += 1
+        return n
+
+
+cdef int emit_to(SnapshotSink sink, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts) except -1:
+    cdef int rc = sink.add(k, kl, NULL, 0, v, vl, ts)
+    if rc == -1:
+        raise MemoryError("statecore: out of memory while taking a snapshot")
+    if rc:
+        raise StateError("statecore: malformed entry found while taking a snapshot")
+    return 0
+
+
+@cython.final
+cdef class LMDBCutTable(StateTable):
+    """One state's view of an LMDBCut: what ``consistent_copy`` returns (snapshot, and get / mitems / count
+    for incremental deltas), read from the checkpoint thread."""
+    cdef LMDBCut c
+    cdef int sid
+    cdef bytes sidb
+    cdef int lbit
+    cdef long long n
+    cdef bint done
+    cdef bytes hold
+    cdef dict mindex          # map prefix -> full keys with an entry in a buffer copy (built on first use)
+    cdef sc_buf rb
+
+    def __cinit__(self, *args, **kwargs):
+        buf_init(&self.rb)
+
+    def __dealloc__(self):
+        sc_buf_free(&self.rb)
+        if not self.done and self.c is not None:
+            try:
+                self.finish()
+            except BaseException:
+                pass
+
+    cdef int finish(self) except -1:
+        """This view is done: the last one releases the cut."""
+        if self.done:
+            return 0
+        self.done = True
+        self.hold = None
+        self.mindex = None
+        self.c.users -= 1
+        if self.c.users <= 0:
+            self.c.retired = True  # before anything can release the GIL: no new view joins it
+            self.c.release()
+        return 0
+
+    cdef void release(self) noexcept:
+        try:
+            self.finish()
+        except BaseException:
+            pass
+
+    cdef size_t count(self):
+        self.release()  # called once per state after a delta (snapshot_delta, then table_entries)
+        return <size_t>self.n if self.n > 0 else 0
+
+    cdef long long snapshot(self, SnapshotSink sink) except -1:
+        cdef long long n = 0
+        try:
+            with self.c.lock:
+                self.c.enter()
+                self.c.release_older()
+                n = self.c.each_live(self.sid, self.sidb, self.lbit, sink, &self.rb) if self.sid >= 0 else 0
+        except BaseException:
+            self.c.release()  # the checkpoint fails: release the transaction now
+            raise
+        finally:
+            self.finish()
+        return n
+
+    cdef int get(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                 int64_t *ts) except -1:
+        cdef sc_entry *e
+        cdef const uint8_t *fk
+        cdef size_t fkl
+        try:
+            with self.c.lock:
+                self.c.enter()
+                self.c.release_older()
+                if self.lbit:
+                    if not self.c.resolve_list(k, kl, h, &self.rb, ts):
+                        return 0
+                    v[0] = self.rb.data
+                    vl[0] = self.rb.len
+                    return 1
+                e = self.c.bfind(k, kl, h)
+                if e is not NULL:
+                    if kind(e) != FLAG_PUT:
+                        return 0
+                    v[0] = bval(e)
+                    vl[0] = bvlen(e)
+                    ts[0] = e.ts
+                    return 1
+                raw = self.c.lget(k, kl)
+                if raw is None:
+                    return 0
+                parse_record(raw, ts, &fk, &fkl, v, vl)
+                self.hold = raw
+                return 1
+        except BaseException:
+            self.c.release()
+            raise
+
+    cdef list mitems(self, const uint8_t *p, size_t pl, uint32_t ph):
+        cdef int64_t ts
+        cdef const uint8_t *fk
+        cdef const uint8_t *v
+        cdef size_t fkl, vl, pos
+        cdef sc_entry *e
+        cdef bytes key
+        cdef Py_ssize_t i
+        try:
+            with self.c.lock:
+                self.c.enter()
+                self.c.release_older()
+                if self.mindex is None:
+                    self.mindex = {}
+                    for i in range(self.c.ntabs):
+                        pos = 0
+                        while True:
+                            e = sc_table_next(self.c.tabs[i], &pos)
+                            if e is NULL:
+                                break
+                            if e.klen >= 4 and sc_be16_get(sc_entry_key(e) + 2) == self.sid:
+                                key = as_bytes(sc_entry_key(e), e.klen)
+                                self.mindex.setdefault(key[:map_prefix_len(sc_entry_key(e), e.klen)],
+                                                       set()).add(key)
+                prefix = as_bytes(p, pl)
+                res = {}
+                if self.c.txn is not None:
+                    for key, raw in range_items_in(self.c.txn, prefix):
+                        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+                        res[key] = (as_bytes(v, vl), ts)
+                for key in self.mindex.get(prefix, ()):
+                    e = self.c.bfind(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                                     sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)))
+                    if e is not NULL and kind(e) == FLAG_PUT:
+                        res[key] = (as_bytes(bval(e), bvlen(e)), e.ts)
+                    else:
+                        res.pop(key, None)
+                return [(k[pl:], res[k][0], res[k][1]) for k in sorted(res)]
+        except BaseException:
+            self.c.release()
+            raise

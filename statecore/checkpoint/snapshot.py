@@ -20,6 +20,7 @@ self-contained "canonical" snapshot, with ``cleanup_full_snapshot`` applied.
 """
 import concurrent.futures
 import dataclasses
+import logging
 import re
 import uuid
 
@@ -31,6 +32,7 @@ from statecore.errors import CheckpointError, CorruptCheckpointError, StateMigra
 from statecore.keygroups import KeyGroupRange
 
 DATA_FILE = "data.sckd"
+_log = logging.getLogger("statecore.checkpoint")
 
 @dataclasses.dataclass(frozen=True)
 class CompletedCheckpoint:
@@ -298,7 +300,12 @@ def _submit(kb, storage, cut, checkpoint_id):
         except BaseException:
             chain.files, chain.broken = None, True
             raise
-        _retain(kb, storage, completed)
+        try:
+            _retain(kb, storage, completed)
+        except CheckpointError as exc:
+            # The checkpoint is committed and durable: failing it now would make the caller
+            # treat it as lost. The next checkpoint's retention deletes what is left over.
+            _log.warning("checkpoint %s committed, but deleting older checkpoints failed: %s", completed.location, exc)
         return completed
     return chain.executor.submit(work)
 

@@ -23,6 +23,7 @@ Failure behaviour, in one place: I/O failures while writing raise
 publish anything; a missing or malformed checkpoint raises
 :class:`~statecore.errors.CorruptCheckpointError` naming the file.
 """
+import functools
 import os
 import posixpath
 import re
@@ -285,6 +286,40 @@ class _AlreadyCommitted(Exception):
 
 
 _OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"}
+_TRANSPORT_ERRORS = None
+
+
+def _transport_errors():
+    """Transport failures of remote file systems that are not OSError (botocore's
+    ConnectionClosedError, aiohttp's ClientPayloadError on a reset mid-response ...)."""
+    global _TRANSPORT_ERRORS
+    if _TRANSPORT_ERRORS is None:
+        found = []
+        try:
+            from botocore.exceptions import BotoCoreError
+            found.append(BotoCoreError)
+        except ImportError:
+            pass
+        try:
+            from aiohttp import ClientError
+            found.append(ClientError)
+        except ImportError:
+            pass
+        _TRANSPORT_ERRORS = tuple(found)
+    return _TRANSPORT_ERRORS
+
+
+def _as_oserror(method):
+    """Re-raise a transport failure as OSError, so every caller's I/O error handling applies."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except _transport_errors() as e:
+            if isinstance(e, OSError):
+                raise
+            raise OSError(f"{type(e).__name__}: {e}") from e
+    return wrapper
 
 
 class _FsspecStore:
@@ -306,10 +341,12 @@ class _FsspecStore:
         except ImportError:  # pragma: no cover
             self.memory = False
 
+    @_as_oserror
     def makedirs(self, path):
         if not self.object_store:  # object stores have no directories (s3fs would try to create a bucket)
             self.fs.makedirs(path, exist_ok=True)
 
+    @_as_oserror
     def write(self, path, view, exclusive=False):
         _event("write", path)
         if self.memory:
@@ -325,11 +362,28 @@ class _FsspecStore:
             f.close()  # completes the PUT / multipart upload: durable on return
         except BaseException:
             _discard(f)
+            self._abort_orphan_uploads(path)
             raise
+
+    def _abort_orphan_uploads(self, path):
+        """A CreateMultipartUpload whose answer was lost started an upload whose id nobody
+        holds, so discard() cannot abort it: abort every in-progress upload to exactly this
+        key (s3fs only; the key is in this writer's own checkpoint folder). Best effort."""
+        call, split = getattr(self.fs, "call_s3", None), getattr(self.fs, "split_path", None)
+        if not self.object_store or call is None or split is None:
+            return
+        try:
+            bucket, key, _ = split(path)
+            for upload in call("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", []):
+                if upload.get("Key") == key:
+                    call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+        except Exception:  # noqa: BLE001 - cleanup after a failure must not mask it
+            pass
 
     def sync_dirs(self, dirs):
         pass  # nothing to sync: each completed PUT is durable
 
+    @_as_oserror
     def publish(self, dirpath, data):
         final = posixpath.join(dirpath, METADATA_NAME)
         # Checked first as well because not every fsspec backend honours "xb"
@@ -341,18 +395,27 @@ class _FsspecStore:
             # "xb" = PUT with If-None-Match: * on s3fs (FileExistsError if the key
             # exists); memory:// checks existence in-process.
             self.write(final, data, exclusive=True)
-        except FileExistsError:
-            raise _AlreadyCommitted(final) from None
         except OSError as e:
             # Some S3 implementations answer the failed condition with a bare 412.
-            if "PreconditionFailed" in str(e) or "pre-condition" in str(e):
+            if not (isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "pre-condition" in str(e)):
+                raise
+            # A PUT whose answer was lost and that the client retried (botocore does, by
+            # default) fails its own condition: the object there is then ours, byte for byte.
+            if not self._holds(final, data):
                 raise _AlreadyCommitted(final) from None
-            raise
         _event("publish", final)
+
+    def _holds(self, path, data):
+        try:
+            self._invalidate(path)
+            return self.read(path) == bytes(data)
+        except OSError:
+            return False
 
     def put_atomic(self, path, view):
         self.write(path, view)  # one PUT is atomic on object stores
 
+    @_as_oserror
     def read(self, path, limit=None):
         if limit is None:
             return self.fs.cat_file(path)
@@ -362,22 +425,26 @@ class _FsspecStore:
             return self.fs.cat_file(path)
         return self.fs.cat_file(path, start=0, end=limit)
 
+    @_as_oserror
     def size(self, path):
         info = self.fs.info(path)
         if info.get("type") == "directory":
             raise IsADirectoryError(path)
         return info["size"]
 
+    @_as_oserror
     def exists(self, path):
         self._invalidate(path)
         return self.fs.exists(path)
 
+    @_as_oserror
     def remove(self, path):
         try:
             self.fs.rm_file(path)
         except FileNotFoundError:
             pass
 
+    @_as_oserror
     def remove_tree(self, path):
         self.remove(posixpath.join(path, METADATA_NAME))  # uncommit first, see _LocalStore
         self._invalidate(path)
@@ -393,6 +460,7 @@ class _FsspecStore:
             except (OSError, ValueError):
                 pass
 
+    @_as_oserror
     def listdir(self, path):
         self._invalidate(path)
         try:
@@ -805,10 +873,13 @@ class CheckpointStorage:
         op_location = self._operator_location(job_id, operator_id)
         store, op_dir = self._resolve(op_location)
         found = []
-        for entry in store.listdir(op_dir):
-            m = _CHK_FOLDER.match(entry)
-            if m and store.exists(_normjoin(store, op_dir, posixpath.join(entry, METADATA_NAME))):
-                found.append((int(m.group(1)), m.group(2), _join(op_location, entry)))
+        try:
+            for entry in store.listdir(op_dir):
+                m = _CHK_FOLDER.match(entry)
+                if m and store.exists(_normjoin(store, op_dir, posixpath.join(entry, METADATA_NAME))):
+                    found.append((int(m.group(1)), m.group(2), _join(op_location, entry)))
+        except OSError as e:
+            raise CheckpointError(f"{op_location}: cannot list checkpoints: {e}") from e
         found.sort()
         return [loc for _, _, loc in found]
 

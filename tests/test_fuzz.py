@@ -27,6 +27,7 @@ import fuzz_datafile  # noqa: E402
 import fuzz_metadata  # noqa: E402
 import fuzz_serializers  # noqa: E402
 
+import statecore  # noqa: E402
 from statecore.errors import SerializationError  # noqa: E402
 from statecore.serializers import Auto, Json, Pickle  # noqa: E402
 
@@ -48,7 +49,10 @@ DEBUG_ENV = "STATECORE_DEBUG_AUTO_PICKLE_FALLBACK"
 def _env(**extra):
     env = dict(os.environ)
     env.pop(DEBUG_ENV, None)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # The package under test: the installed one in CI, the in-place build in a checkout (never the bare
+    # source tree, which has no compiled modules when the package is installed).
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(statecore.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(extra)
     return env
 
@@ -263,7 +267,7 @@ def test_debug_pickle_fallback_is_caught(tmp_path, target):
             "h.TestOneInput(bytes.fromhex(sys.argv[2]))" % target)
     for debug, expect_fail in (("0", False), ("1", True)):
         p = subprocess.run([sys.executable, "-c", code, FUZZ, data.hex()], env=_env(**{DEBUG_ENV: debug}),
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, cwd=FUZZ)
         if expect_fail:
             assert p.returncode != 0 and "ForbiddenEvent" in p.stderr and "pickle.find_class" in p.stderr, \
                 p.stderr[-2000:]

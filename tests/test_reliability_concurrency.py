@@ -395,7 +395,7 @@ def test_reopen_after_kill9_with_read_txns_open(tmp_path):
     cycles = 10
     for rnd in range(1, cycles + 1):
         p = subprocess.Popen([sys.executable, "-c", HOLDER, root, str(rnd)], stdout=subprocess.PIPE, text=True,
-                             env=env)
+                             env=env, cwd=root)  # not the source tree: it has no compiled modules when installed
         line = p.stdout.readline()
         assert line.startswith("READY"), (line, p.poll())
         os.kill(p.pid, signal.SIGKILL)

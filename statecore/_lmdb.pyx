@@ -14,8 +14,10 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   *active* C ``sc_table`` write buffer shared by all states, and up to
   ``max_write_buffer_number - 1`` *immutable* buffers waiting to be flushed.
   A buffer entry is keyed by the full composite key (csrc/sc_keycodec.h); its
-  value is one flag byte (tombstone / put / list append-delta, plus a "list
-  state" bit) followed by the value bytes; its ``ts`` the TTL timestamp.
+  value is the value bytes alone; its ``ts`` holds the TTL timestamp in the low
+  56 bits (sign-extended: +-2**55 ms) and the flag byte (tombstone / put / list
+  append-delta, plus a "list state" bit) in the top 8, so a 16-byte key + an
+  8-byte value (24 bytes) is stored inline in the slot (csrc/sc_table.h).
 * When the active buffer (its bytes plus the map-prefix index's estimated
   bytes) exceeds ``write_buffer_size`` it becomes immutable and a background
   thread flushes it to LMDB, sorted by key, tombstones as deletes, in write
@@ -140,17 +142,46 @@ cdef long filter_records(const uint8_t *v, size_t vl, int64_t ttl, int64_t now, 
     return <long>dropped
 
 
+# A buffer entry's flag lives in the top byte of its ts (TTL timestamps are ms: +-2**55 ms is a million
+# years), so its value is the value alone: a 16-byte composite key + an 8-byte value stays inline.
+cdef uint64_t TS_MASK = 0x00FFFFFFFFFFFFFFULL
+cdef int64_t TS_MIN = -(1LL << 55)
+cdef int64_t TS_MAX = (1LL << 55) - 1
+
+
+cdef inline int64_t pack_ts(int flag, int64_t ts) noexcept:
+    return <int64_t>((<uint64_t>(<uint8_t>flag) << 56) | (<uint64_t>ts & TS_MASK))
+
+
+cdef inline uint8_t eflag(sc_entry *e) noexcept:
+    """A buffer entry's flag byte."""
+    return <uint8_t>((<uint64_t>e.ts) >> 56)
+
+
+cdef inline int64_t ets(sc_entry *e) noexcept:
+    """A buffer entry's timestamp (the low 56 bits, sign-extended)."""
+    return (<int64_t>((<uint64_t>e.ts) << 8)) >> 8
+
+
+cdef inline void set_flag(sc_entry *e, int flag) noexcept:
+    e.ts = pack_ts(flag, ets(e))
+
+
+cdef inline void set_ets(sc_entry *e, int64_t ts) noexcept:
+    e.ts = pack_ts(eflag(e), ts)
+
+
 cdef inline int kind(sc_entry *e) noexcept:
-    return sc_entry_value(e)[0] & FLAG_KIND
+    return eflag(e) & FLAG_KIND
 
 
 cdef inline const uint8_t *bval(sc_entry *e) noexcept:
-    """The value bytes of a buffer entry (after its flag)."""
-    return sc_entry_value(e) + 1
+    """The value bytes of a buffer entry."""
+    return sc_entry_value(e)
 
 
 cdef inline size_t bvlen(sc_entry *e) noexcept:
-    return e.vlen - 1
+    return e.vlen
 
 
 cdef int cmp_entry(const void *a, const void *b) noexcept nogil:
@@ -771,18 +802,18 @@ cdef class LMDBStore:
             return 0
         if self.newer_version(m, sc_entry_key(e), e.klen, e.hash):
             return 0  # not the newest version: the newer one decides
-        if t.layout == LAYOUT_LIST or (sc_entry_value(e)[0] & FLAG_LIST):
-            dropped = filter_records(sc_entry_value(e) + 1, e.vlen - 1, t.drop_ttl, now, &self.fscratch)
+        if t.layout == LAYOUT_LIST or (eflag(e) & FLAG_LIST):
+            dropped = filter_records(bval(e), bvlen(e), t.drop_ttl, now, &self.fscratch)
             if dropped == 0:
                 return 0
             self.flush_expired += dropped
             if self.fscratch.len:
                 return 2
-        elif not sc_ttl_expired(e.ts, t.drop_ttl, now):
+        elif not sc_ttl_expired(ets(e), t.drop_ttl, now):
             return 0
         else:
             self.flush_expired += 1
-        sc_entry_value(e)[0] = (sc_entry_value(e)[0] & FLAG_LIST) | FLAG_TOMB  # in place: the value bytes stay
+        set_flag(e, (eflag(e) & FLAG_LIST) | FLAG_TOMB)  # in place: the value bytes stay
         t.n -= 1
         return 1
 
@@ -828,7 +859,7 @@ cdef class LMDBStore:
                             tbl = ttl_tables.get(sc_be16_get(k + 2))
                             if tbl is not None:
                                 dr = self.drop_expired(m, e, tbl)
-                        fl = sc_entry_value(e)[0]
+                        fl = eflag(e)
                         kd = fl & FLAG_KIND
                         lk = lmdb_key(k, e.klen)
                         if kd == FLAG_MERGE:
@@ -836,7 +867,7 @@ cdef class LMDBStore:
                             self.seq += 1
                             self.ndeltas += 1
                             tput(lk + as_bytes(seqb, 8),
-                                 encode_record(k, e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts, V_DELTA))
+                                 encode_record(k, e.klen, bval(e), bvlen(e), ets(e), V_DELTA))
                             continue
                         if (fl & FLAG_LIST) and self.ndeltas:
                             if cur is None:
@@ -851,9 +882,9 @@ cdef class LMDBStore:
                                         break
                         if kd == FLAG_PUT:
                             if dr == 2:
-                                tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, e.ts, 0))
+                                tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, ets(e), 0))
                             else:
-                                tput(lk, encode_record(k, e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts, 0))
+                                tput(lk, encode_record(k, e.klen, bval(e), bvlen(e), ets(e), 0))
                         else:
                             tdel(lk)
                     cur = None
@@ -875,14 +906,14 @@ cdef class LMDBStore:
                   int64_t ts, size_t pl) except -1:
         """Write (flag, v) under k into the active buffer; pl > 0: a map entry with prefix length pl."""
         cdef Memtable a = self.act
+        cdef uint8_t empty = 0
         self.wgen += 1
-        reserve(&self.scratch, vl + 1)
-        self.scratch.data[0] = <uint8_t>flag
-        if vl:
-            memcpy(self.scratch.data + 1, v, vl)
+        if ts < TS_MIN or ts > TS_MAX:
+            raise StateError(f"statecore: timestamp {ts} ms is out of the LMDB tier's range (+-2**55 ms)")
         if self.cache is not NULL and self.cache.count:
             sc_table_delete(self.cache, k, kl, h)
-        check(sc_table_put(self.buf, k, kl, h, self.scratch.data, vl + 1, ts, NULL))
+        # v never points into the active buffer (callers copy such values to their own scratch first)
+        check(sc_table_put(self.buf, k, kl, h, v if vl else &empty, vl, pack_ts(flag, ts), NULL))
         if pl:
             p = as_bytes(k, pl)
             s = a.mindex.get(p)
@@ -1037,9 +1068,9 @@ cdef class LMDBStateTable(StateTable):
                 if base is not NULL:
                     if kind(base) != FLAG_PUT:
                         return 0
-                    v[0] = sc_entry_value(base) + 1
-                    vl[0] = base.vlen - 1
-                    ts[0] = base.ts
+                    v[0] = bval(base)
+                    vl[0] = bvlen(base)
+                    ts[0] = ets(base)
                     return 1
                 self.rb.len = 0
                 if not s.llist(k, kl, &self.rb, ts):
@@ -1048,19 +1079,19 @@ cdef class LMDBStateTable(StateTable):
                 vl[0] = self.rb.len
                 return 1
             self.rb.len = 0
-            ts[0] = deltas[0].ts
+            ts[0] = ets(deltas[0])
             if base is NULL:
                 found = s.llist(k, kl, &self.rb, ts)
             elif kind(base) == FLAG_PUT:
-                reserve(&self.rb, base.vlen - 1)
-                memcpy(self.rb.data, sc_entry_value(base) + 1, base.vlen - 1)
-                self.rb.len = base.vlen - 1
-                ts[0] = base.ts
+                reserve(&self.rb, bvlen(base))
+                memcpy(self.rb.data, bval(base), bvlen(base))
+                self.rb.len = bvlen(base)
+                ts[0] = ets(base)
             for j in range(nd - 1, -1, -1):  # oldest delta first
                 e = deltas[j]
-                reserve(&self.rb, e.vlen - 1)
-                memcpy(self.rb.data + self.rb.len, sc_entry_value(e) + 1, e.vlen - 1)
-                self.rb.len += e.vlen - 1
+                reserve(&self.rb, bvlen(e))
+                memcpy(self.rb.data + self.rb.len, bval(e), bvlen(e))
+                self.rb.len += bvlen(e)
             v[0] = self.rb.data
             vl[0] = self.rb.len
             return 1
@@ -1081,9 +1112,9 @@ cdef class LMDBStateTable(StateTable):
         if e is not NULL:
             if kind(e) != FLAG_PUT:
                 return 0
-            v[0] = sc_entry_value(e) + 1
-            vl[0] = e.vlen - 1
-            ts[0] = e.ts
+            v[0] = bval(e)
+            vl[0] = bvlen(e)
+            ts[0] = ets(e)
             return 1
         if s.cache is not NULL:
             e = s.cache_find(k, kl, h)
@@ -1128,7 +1159,7 @@ cdef class LMDBStateTable(StateTable):
         cdef int64_t old
         if e is not NULL:
             if kind(e) == FLAG_PUT:
-                e.ts = ts
+                set_ets(e, ts)
                 self.s.wgen += 1
             return 0
         if self.do_get(k, kl, h, &v, &vl, &old):  # in an immutable buffer, the cache or LMDB: copy it
@@ -1176,10 +1207,10 @@ cdef class LMDBStateTable(StateTable):
         for j in range(m):
             k = keys + j * kw
             e = sc_table_find(s.buf, k, kl, hs[j])
-            if e is not NULL and e.vlen == vl + 1 and kind(e) == FLAG_PUT and not self.lbit:
+            if e is not NULL and e.vlen == vl and kind(e) == FLAG_PUT and not self.lbit:
                 # in the active buffer, so not in the read cache (a buffer write evicts it, reads stop there)
-                memcpy(sc_entry_value(e) + 1, vals + j * vl, vl)
-                e.ts = ts
+                memcpy(<uint8_t *>bval(e), vals + j * vl, vl)
+                set_ets(e, ts)
             else:
                 self.do_put(k, kl, hs[j], vals + j * vl, vl, ts, 0)
         return 0
@@ -1204,11 +1235,11 @@ cdef class LMDBStateTable(StateTable):
             if e is not NULL:
                 if kind(e) != FLAG_PUT:
                     found[j] = 0
-                elif e.vlen != vl + 1:
+                elif e.vlen != vl:
                     found[j] = 2
                 else:
-                    memcpy(vals + j * vl, sc_entry_value(e) + 1, vl)
-                    tss[j] = e.ts
+                    memcpy(vals + j * vl, bval(e), vl)
+                    tss[j] = ets(e)
                     found[j] = 1
                 continue
             if not self.do_get(k, kl, hs[j], &v, &n, &tss[j]):
@@ -1237,7 +1268,7 @@ cdef class LMDBStateTable(StateTable):
                 self.s.bput(k, kl, h, FLAG_PUT | FLAG_LIST, v, vl, ts, 0)
                 self.n += 1
             else:  # a put or a delta: append in place (keeps the entry's ts)
-                check(sc_table_append(self.s.buf, k, kl, h, v, vl, ts))
+                check(sc_table_append(self.s.buf, k, kl, h, v, vl, e.ts))  # keeps its ts and flag
                 self.s.wgen += 1
         elif self.exists(k, kl, h):
             self.s.bput(k, kl, h, FLAG_MERGE | FLAG_LIST, v, vl, ts, 0)  # the stored list is not read
@@ -1305,7 +1336,7 @@ cdef class LMDBStateTable(StateTable):
                 if e is NULL:
                     continue
                 if kind(e) == FLAG_PUT:
-                    res[key] = (as_bytes(sc_entry_value(e) + 1, e.vlen - 1), e.ts)
+                    res[key] = (as_bytes(bval(e), bvlen(e)), ets(e))
                 else:
                     res.pop(key, None)
         return res
@@ -1423,8 +1454,8 @@ cdef class LMDBStateTable(StateTable):
                 buf = self.s.buf  # a rewrite may have frozen the buffer
                 if self.bepoch != self.s.epoch:
                     break
-            elif sc_ttl_expired(e.ts, ttl, now):
-                sc_entry_value(e)[0] = (sc_entry_value(e)[0] & FLAG_LIST) | FLAG_TOMB  # in place
+            elif sc_ttl_expired(ets(e), ttl, now):
+                set_flag(e, (eflag(e) & FLAG_LIST) | FLAG_TOMB)  # in place
                 self.s.wgen += 1
                 self.n -= 1
                 dropped += 1
@@ -1543,7 +1574,7 @@ cdef class LMDBStateTable(StateTable):
                         self.emit(sink, out, <const uint8_t *>PyBytes_AS_STRING(key), e.klen, v, vl, ts)
                         n += 1
                 else:
-                    self.emit(sink, out, sc_entry_key(e), e.klen, sc_entry_value(e) + 1, e.vlen - 1, e.ts)
+                    self.emit(sink, out, sc_entry_key(e), e.klen, bval(e), bvlen(e), ets(e))
                     n += 1
         return n
 
@@ -1767,7 +1798,7 @@ cdef class LMDBCut:
                 break
             rb.len = 0
             if nd:
-                ts[0] = deltas[0].ts
+                ts[0] = ets(deltas[0])
             if base is NULL:
                 if not self.llist(k, kl, rb, ts) and nd == 0:
                     return 0
@@ -1775,7 +1806,7 @@ cdef class LMDBCut:
                 reserve(rb, bvlen(base))
                 memcpy(rb.data, bval(base), bvlen(base))
                 rb.len = bvlen(base)
-                ts[0] = base.ts
+                ts[0] = ets(base)
             elif nd == 0:
                 return 0
             for j in range(nd - 1, -1, -1):  # oldest delta first
@@ -1847,7 +1878,7 @@ cdef class LMDBCut:
                         emit_to(sink, sc_entry_key(e), e.klen, rb.data, rb.len, ts)
                         n += 1
                 else:
-                    emit_to(sink, sc_entry_key(e), e.klen, bval(e), bvlen(e), e.ts)
+                    emit_to(sink, sc_entry_key(e), e.klen, bval(e), bvlen(e), ets(e))
                     n += 1
         return n
 
@@ -1944,7 +1975,7 @@ cdef class LMDBCutTable(StateTable):
                         return 0
                     v[0] = bval(e)
                     vl[0] = bvlen(e)
-                    ts[0] = e.ts
+                    ts[0] = ets(e)
                     return 1
                 raw = self.c.lget(k, kl)
                 if raw is None:
@@ -1990,7 +2021,7 @@ cdef class LMDBCutTable(StateTable):
                     e = self.c.bfind(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
                                      sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)))
                     if e is not NULL and kind(e) == FLAG_PUT:
-                        res[key] = (as_bytes(bval(e), bvlen(e)), e.ts)
+                        res[key] = (as_bytes(bval(e), bvlen(e)), ets(e))
                     else:
                         res.pop(key, None)
                 return [(k[pl:], res[k][0], res[k][1]) for k in sorted(res)]

@@ -300,6 +300,11 @@ def _submit(kb, storage, cut, checkpoint_id):
         except BaseException:
             chain.files, chain.broken = None, True
             raise
+        finally:
+            # Drop the cut's tables (LMDB tier: buffer copies + a read transaction) as soon as this
+            # checkpoint is done with them, even when it failed before reading them: the failed
+            # future must not keep a transaction open (it would hold up map resizes).
+            cut.tables = None
         try:
             _retain(kb, storage, completed)
         except CheckpointError as exc:

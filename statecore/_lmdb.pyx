@@ -131,6 +131,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+cdef object lmdb_lookup(object get, const uint8_t *k, size_t kl):
+    """The raw LMDB record of composite key k through ``get`` (a transaction's get), or None.
+
+    Long keys are stored under a hashed key with the full key in the record: verify it.
+    """
+    cdef int64_t ts
+    cdef const uint8_t *fk
+    cdef const uint8_t *v
+    cdef size_t fkl, vl
+    if kl <= MAX_DIRECT_KEY:
+        return get(as_bytes(k, kl))
+    raw = get(lmdb_key(k, kl))
+    if raw is None:
+        return None
+    parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+    if fk is NULL or fkl != kl or memcmp(fk, k, kl) != 0:
+        raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs to "
+                         "another key")
+    return raw
+
+
 cdef long filter_records(const uint8_t *v, size_t vl, int64_t ttl, int64_t now, sc_buf *out) except -1:
     """Copy the unexpired list records of v into out; return how many were dropped."""
     cdef long long dropped = 0
@@ -627,22 +648,9 @@ cdef class LMDBStore:
 
     cdef object lget(self, const uint8_t *k, size_t kl):
         """The raw LMDB record of composite key k, or None."""
-        cdef int64_t ts
-        cdef const uint8_t *fk
-        cdef const uint8_t *v
-        cdef size_t fkl, vl
         if self.rget is None:
             self.rget = self.txn().get
-        if kl <= MAX_DIRECT_KEY:
-            return self.rget(as_bytes(k, kl))
-        raw = self.rget(lmdb_key(k, kl))
-        if raw is None:
-            return None
-        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
-        if fk is NULL or fkl != kl or memcmp(fk, k, kl) != 0:
-            raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs to "
-                             "another key")
-        return raw
+        return lmdb_lookup(self.rget, k, kl)
 
     cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
         """Append the LMDB list of k (base + append-deltas in order) to out; 1 when a base exists."""
@@ -1743,22 +1751,9 @@ cdef class LMDBCut:
         return NULL
 
     cdef object lget(self, const uint8_t *k, size_t kl):
-        cdef int64_t ts
-        cdef const uint8_t *fk
-        cdef const uint8_t *v
-        cdef size_t fkl, vl
         if self.tget is None:
             return None
-        if kl <= MAX_DIRECT_KEY:
-            return self.tget(as_bytes(k, kl))
-        raw = self.tget(lmdb_key(k, kl))
-        if raw is None:
-            return None
-        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
-        if fk is NULL or fkl != kl or memcmp(fk, k, kl) != 0:
-            raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs to "
-                             "another key")
-        return raw
+        return lmdb_lookup(self.tget, k, kl)
 
     cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
         cdef const uint8_t *fk

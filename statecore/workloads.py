@@ -850,11 +850,12 @@ def _checkpoint_dir(directory):
     return path, lambda: shutil.rmtree(path, ignore_errors=True)
 
 
-def _filled_value_state(n, seed, backend_name, root):
+def _filled_value_state(n, seed, backend_name, root, incremental=False):
     """A keyed backend (checkpoint storage on local disk under ``root``) with n int64 -> float64 ValueState entries."""
     opts = {"db_path": os.path.join(root, "db")} if backend_name == "lmdb" else {}
     backend = state_backend(backend_name, **opts)
     backend.checkpoint_storage = sc.FileSystemCheckpointStorage(os.path.join(root, "chk"))
+    backend.incremental = incremental  # the LMDB tier's option; the mechanism works on the heap too
     kb = backend.create_keyed_state_backend(max_parallelism=128)
     st = kb.get_state(sc.ValueStateDescriptor("v", sc.Float64()))
     insert, _ = random_keys(n, seed)
@@ -901,6 +902,30 @@ def restore_value_state(n, seed=1, backend="hashmap", directory=None):
         return completed.size_bytes
     run.completed = completed
     return _closing(run, rm)
+
+
+def incremental_checkpoint_value_state(n, seed=1, backend="hashmap", directory=None):
+    """An incremental checkpoint after 1 % of n ValueState entries changed (on top of a full base).
+
+    ``run()`` updates 1 % of the keys with ``update_batch`` and takes the checkpoint; it returns the
+    bytes that checkpoint wrote (the delta).  ``run.full_bytes`` is the size of the full base.
+    """
+    root, rm = _checkpoint_dir(directory)
+    _, kb = _filled_value_state(n, seed, backend, root, incremental=True)
+    st = kb.get_state(sc.ValueStateDescriptor("v", sc.Float64()))
+    full = kb.checkpoint(1)
+    ids = iter(range(2, 1 << 62))
+    changed = max(1, n // 100)
+    rng = np.random.default_rng(seed + 1)
+
+    def run():
+        keys = rng.choice(n, changed, replace=False).astype(np.int64)
+        st.update_batch(keys, rng.random(changed))
+        run.last = kb.checkpoint(next(ids))
+        return run.last.size_bytes
+    run.full_bytes = full.size_bytes
+    run.last = None
+    return _closing(run, kb.close, rm)
 
 
 def checkpoint_async_sync_part(n, seed=1, backend="hashmap", directory=None):
@@ -971,3 +996,18 @@ CHECKPOINT_WORKLOADS = {
     "checkpoint-async-sync-part": ("time until checkpoint_async(id) returns (the consistent cut), n entries",
                                    checkpoint_async_sync_part),
 }
+
+
+def _on_statecore(fn):
+    return {b: (lambda n, seed=1, _b=b: fn(n, seed, backend=_b)) for b in STATE_BACKENDS}
+
+
+#: Checkpoint workloads in ``statecore bench``: throughput in bytes/s; only statecore's backends checkpoint.
+_NO_CHECKPOINTS = {b: "a baseline without checkpoints" for b in ("dict", "py-lmdb", "rocksdict")}
+register(Workload("checkpoint", CHECKPOINT_WORKLOADS["checkpoint"][0], _on_statecore(checkpoint_value_state),
+                  unit="B", skip_notes=_NO_CHECKPOINTS))
+register(Workload("restore", CHECKPOINT_WORKLOADS["restore"][0], _on_statecore(restore_value_state),
+                  unit="B", skip_notes=_NO_CHECKPOINTS))
+register(Workload("incremental-checkpoint",
+                  "incremental checkpoint after 1 % of the keys changed (bytes the delta wrote)",
+                  _on_statecore(incremental_checkpoint_value_state), unit="B", skip_notes=_NO_CHECKPOINTS))

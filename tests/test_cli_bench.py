@@ -46,20 +46,27 @@ def test_bench_quick_json_has_every_workload_and_backend(tmp_path):
     rows = {(r["workload"], r["backend"]): r for r in doc["results"]}
     assert set(rows) == {(wl, b) for wl in w.WORKLOADS for b in w.BACKENDS}
     has_rocksdict = importlib.util.find_spec("rocksdict") is not None
+    byte_workloads = {wl for wl, x in w.WORKLOADS.items() if x.unit == "B"}  # checkpoint/restore: bytes/s
+    assert {"checkpoint", "restore", "incremental-checkpoint"} <= byte_workloads
     for (wl, b), row in rows.items():
-        expect_skip = (wl == "spill" and b in ("dict", "hashmap")) or (b == "rocksdict" and not has_rocksdict)
+        expect_skip = (wl == "spill" and b in ("dict", "hashmap")) or (b == "rocksdict" and not has_rocksdict) or \
+            (wl in byte_workloads and b not in w.STATE_BACKENDS)
         if expect_skip:
             assert row["status"] == "skipped" and row["note"], row
             continue
         assert row["status"] == "ok", row
-        assert row["ops_per_s"] > 0 and row["ns_per_op"] > 0 and row["ops"] >= row["n"] > 0, row
+        assert row["ops_per_s"] > 0 and row["ns_per_op"] > 0 and row["ops"] > 0 and row["n"] > 0, row
+        if wl not in byte_workloads:
+            assert row["ops"] >= row["n"], row
         assert abs(row["ops_per_s"] * row["ns_per_op"] - 1e9) < 1e3
         assert row["peak_rss_mib"] is not None
-        if wl != "spill":
+        if wl != "spill" and wl not in byte_workloads:
             assert row["ratio_to_dict"] > 0, row
     for wl in w.WORKLOADS:
-        if wl != "spill":
+        if wl != "spill" and wl not in byte_workloads:
             assert rows[(wl, "dict")]["ratio_to_dict"] == pytest.approx(1.0)
+    for b in w.STATE_BACKENDS:  # an incremental checkpoint after a 1 % change is >= 10x smaller than a full one
+        assert rows[("incremental-checkpoint", b)]["ops"] * 10 <= rows[("checkpoint", b)]["ops"], b
     assert rows[("map", "hashmap")]["ops"] == 3 * 1000 * w.MAP_USER_KEYS  # 10k/10 keys x 100 user keys, 3 ops
 
     # the table on stdout names every workload and backend

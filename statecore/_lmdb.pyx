@@ -288,6 +288,20 @@ cdef bytes record_full_key(bytes lkey, bytes raw):
     return lkey
 
 
+cdef int append_list_base(object raw, sc_buf *out, int64_t *ts) except -1:
+    """Append the list blob of an LMDB record (no append-deltas) to out; 0 when raw is None, else 1."""
+    cdef const uint8_t *fk
+    cdef const uint8_t *v
+    cdef size_t fkl, vl
+    if raw is None:
+        return 0
+    parse_record(raw, ts, &fk, &fkl, &v, &vl)
+    reserve(out, vl)
+    memcpy(out.data + out.len, v, vl)
+    out.len += vl
+    return 1
+
+
 cdef int llist_deltas(object txn, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts, uint64_t floor) except -1:
     """Append the LMDB list of k (base + append-deltas below sequence ``floor``, in order) to out; 1 when a base
     exists.  Deltas from ``floor`` on belong to a buffer that is still buffered (and holds them)."""
@@ -654,20 +668,10 @@ cdef class LMDBStore:
 
     cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
         """Append the LMDB list of k (base + append-deltas in order) to out; 1 when a base exists."""
-        cdef const uint8_t *fk
-        cdef const uint8_t *v
-        cdef size_t fkl, vl
         if not self.spilled:
             return 0
         if self.ndeltas == 0:
-            raw = self.lget(k, kl)
-            if raw is None:
-                return 0
-            parse_record(raw, ts, &fk, &fkl, &v, &vl)
-            reserve(out, vl)
-            memcpy(out.data + out.len, v, vl)
-            out.len += vl
-            return 1
+            return append_list_base(self.lget(k, kl), out, ts)
         return llist_deltas(self.txn(), k, kl, out, ts, self.delta_floor())
 
     cdef uint64_t delta_floor(self) noexcept:
@@ -1756,20 +1760,10 @@ cdef class LMDBCut:
         return lmdb_lookup(self.tget, k, kl)
 
     cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
-        cdef const uint8_t *fk
-        cdef const uint8_t *v
-        cdef size_t fkl, vl
         if self.txn is None:
             return 0
         if self.ndeltas == 0:
-            raw = self.lget(k, kl)
-            if raw is None:
-                return 0
-            parse_record(raw, ts, &fk, &fkl, &v, &vl)
-            reserve(out, vl)
-            memcpy(out.data + out.len, v, vl)
-            out.len += vl
-            return 1
+            return append_list_base(self.lget(k, kl), out, ts)
         return llist_deltas(self.txn, k, kl, out, ts, self.floor)
 
     cdef int resolve_list(self, const uint8_t *k, size_t kl, uint32_t h, sc_buf *rb, int64_t *ts) except -1:

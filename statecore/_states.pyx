@@ -1421,6 +1421,24 @@ cdef class ValueState(State):
                 f"{b.key_group_range}; nothing was changed")
         return 0
 
+    cdef int batch_scratch(self, const int64_t[::1] keys, size_t kw, size_t block, uint16_t **kgs,
+                           uint8_t **blk) except -1:
+        """The fast paths' scratch: key groups of every key (checked: nothing changes if one is not
+        owned) and room for one block of composite keys.  The caller frees both."""
+        kgs[0] = <uint16_t *>malloc(keys.shape[0] * sizeof(uint16_t))
+        blk[0] = <uint8_t *>malloc(block * kw)
+        if kgs[0] is NULL or blk[0] is NULL:
+            free(kgs[0])
+            free(blk[0])
+            raise MemoryError()
+        try:
+            self.check_fast_keys(keys, kgs[0])
+        except BaseException:
+            free(kgs[0])
+            free(blk[0])
+            raise
+        return 0
+
     cdef inline size_t build_fast_key(self, uint8_t *out, int64_t key, uint16_t kg, bint auto) noexcept nogil:
         cdef size_t n = SC_KC_HEAD
         sc_be16_put(out, kg)
@@ -1461,14 +1479,8 @@ cdef class ValueState(State):
             fv = values
         else:
             iv = values
-        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
-        blk = <uint8_t *>malloc(64 * kw)
-        if kgs is NULL or blk is NULL:
-            free(kgs)
-            free(blk)
-            raise MemoryError()
+        self.batch_scratch(keys, kw, 64, &kgs, &blk)
         try:
-            self.check_fast_keys(keys, kgs)
             with nogil:
                 base = 0
                 while base < n and st == SC_OK:
@@ -1532,14 +1544,8 @@ cdef class ValueState(State):
             return out
         if ttl:
             now = self.backend.now()
-        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
-        blk = <uint8_t *>malloc(64 * kw)
-        if kgs is NULL or blk is NULL:
-            free(kgs)
-            free(blk)
-            raise MemoryError()
+        self.batch_scratch(keys, kw, 64, &kgs, &blk)
         try:
-            self.check_fast_keys(keys, kgs)
             with nogil:
                 base = 0
                 while base < n and not corrupt:
@@ -1614,14 +1620,8 @@ cdef class ValueState(State):
             fv = values
         else:
             iv = values
-        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
-        blk = <uint8_t *>malloc(BATCH_BLOCK * kw)
-        if kgs is NULL or blk is NULL:
-            free(kgs)
-            free(blk)
-            raise MemoryError()
+        self.batch_scratch(keys, kw, BATCH_BLOCK, &kgs, &blk)
         try:
-            self.check_fast_keys(keys, kgs)
             base = 0
             while base < n:
                 m = min(BATCH_BLOCK, n - base)
@@ -1671,14 +1671,8 @@ cdef class ValueState(State):
             return out
         if ttl:
             now = self.backend.now()
-        kgs = <uint16_t *>malloc(n * sizeof(uint16_t))
-        blk = <uint8_t *>malloc(BATCH_BLOCK * kw)
-        if kgs is NULL or blk is NULL:
-            free(kgs)
-            free(blk)
-            raise MemoryError()
+        self.batch_scratch(keys, kw, BATCH_BLOCK, &kgs, &blk)
         try:
-            self.check_fast_keys(keys, kgs)
             base = 0
             while base < n:
                 m = min(block, n - base)

@@ -26,10 +26,23 @@ also emulates a power loss from the child's I/O log: files never fsynced are cut
 a random prefix and directory entries never made durable by a directory fsync are
 dropped (RocksDB's DropUnsyncedFileData).
 
+Kill-point coverage: whitebox cycles take the named kill points round-robin (not at
+random), so each one gets the same number of attempts; a kill counts as a HIT of its
+point only when the child's I/O log (always kept on whitebox cycles) ends with that
+event and holds exactly n matching events, i.e. the child really died there (not on
+the timer, not after finishing its stream).  A point short of its quota after the
+main cycles gets bounded extra whitebox cycles; the test then asserts every named
+point was hit at least ``KILL_POINT_QUOTA`` (10) times per backend, and prints the
+hits, attempts and misses per point (plus where the ``dirsync`` kills landed: before
+publishing, after publishing, or in a retention delete).
+
 Negative control: with ``STATECORE_DEBUG_SKIP_FSYNC=1`` (storage.py) the same
 power-loss emulation must make the harness report a lost acknowledged checkpoint.
 
-CI: 2 backends x 40 cycles; ``STATECORE_SOAK=1``: 2 x 1,000 cycles.
+CI: 2 backends x 88 cycles (18 blackbox, 70 whitebox = 10 per named point), ~25 s per
+backend; ``STATECORE_SOAK=1``: 2 x 1,000 cycles (~114 kills per named point);
+``STATECORE_CRASH_CYCLES=N`` overrides the number of cycles per backend (e.g. the
+plan's 10,000 for a long soak).
 """
 import json
 import os
@@ -52,11 +65,13 @@ import crash_writer as cw
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sc.__file__)))
 WRITER = os.path.abspath(cw.__file__)
 SOAK = os.environ.get("STATECORE_SOAK") == "1"
-CYCLES_PER_BACKEND = 1000 if SOAK else 40
+CYCLES_PER_BACKEND = int(os.environ.get("STATECORE_CRASH_CYCLES") or (1000 if SOAK else 88))
 NUM_RETAINED = 2
 MAX_RESTARTS_PER_SEED = 10
 POWER_LOSS_EVERY = 3           # every 3rd cycle also emulates a power loss
-BLACKBOX_EVERY = 3             # every 3rd cycle is a blackbox kill (random delay)
+BLACKBOX_EVERY = 5             # every 5th cycle is a blackbox kill (random delay); the rest are whitebox
+KILL_POINT_QUOTA = 10          # RELIABILITY.md T1: every named kill point hit >= 10 times (per backend here)
+TOPUP_ATTEMPTS_PER_HIT = 3     # extra whitebox attempts allowed per missing hit after the main cycles
 BLACKBOX_DELAY = (0.02, 0.4)   # seconds after READY
 WHITEBOX_TIMEOUT = 8.0         # a kill point not reached by then: killed by the timer instead
 START_TIMEOUT = 60.0
@@ -104,7 +119,13 @@ class Report:
     unsynced_dropped: int = 0
     unsynced_truncated: int = 0
     completed_streams: int = 0
-    kill_points: Counter = field(default_factory=Counter)
+    kill_points: Counter = field(default_factory=Counter)      # confirmed kills per point ("blackbox" too)
+    kill_attempts: Counter = field(default_factory=Counter)    # whitebox cycles per named point
+    kill_misses: Counter = field(default_factory=Counter)      # "<point> <why>": attempts that were no hit
+    dirsync_phases: Counter = field(default_factory=Counter)   # where the dirsync kills landed
+    topup_cycles: int = 0
+    lost: int = 0          # acknowledged checkpoints lost (newest valid < newest ACKed, or ACKed+committed rejected)
+    mismatches: int = 0    # accepted checkpoints that do not restore to replay(seed, op_index)
     folders_checked: int = 0
     valid: int = 0
     rejected: int = 0
@@ -117,25 +138,40 @@ class Report:
 
 # ----------------------------------------------------------------------------- oracle
 
+class _Replay:
+    """replay(seed, op_index) for increasing op indices in one pass: a chain's checkpoints only move forward."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.stream = cw.op_stream(seed)
+        self.model = cw.new_model()
+        self.at = 0
+        self.dumps = {0: {}}
+
+    def dump(self, op_index):
+        if op_index not in self.dumps:
+            if op_index < self.at:  # behind the cursor and not cached: start over
+                self.__init__(self.seed)
+            for op in self.stream:
+                cw.apply_model(self.model, op)
+                self.at += 1
+                if self.at == op_index:
+                    break
+            assert self.at == op_index, (self.seed, op_index, self.at)
+            self.dumps[op_index] = cw.canonical_model(self.model)
+        return self.dumps[op_index]
+
+
+_REPLAYS = {}
+
+
 def oracle(seed, op_indices):
-    """{op_index: canonical dump of replay(seed, op_index)} in one pass over the stream."""
-    wanted = sorted(set(op_indices))
-    out = {}
-    model = cw.new_model()
-    if 0 in wanted:
-        out[0] = {}
-    pending = [w for w in wanted if w > 0]
-    if not pending:
-        return out
-    j = 0
-    for i, op in enumerate(cw.op_stream(seed)):
-        cw.apply_model(model, op)
-        while j < len(pending) and pending[j] == i + 1:
-            out[i + 1] = cw.canonical_model(model)
-            j += 1
-        if j == len(pending):
-            break
-    return out
+    """{op_index: canonical dump of replay(seed, op_index)}; replays each seed's stream once, forward."""
+    r = _REPLAYS.get(seed)
+    if r is None:
+        _REPLAYS.clear()  # one chain (seed) at a time: keep memory flat in soak runs
+        r = _REPLAYS[seed] = _Replay(seed)
+    return {i: r.dump(i) for i in sorted(set(op_indices))}
 
 
 def restore_dump(backend, location):
@@ -225,6 +261,7 @@ def verify(chain, report, *, power_loss, acked_now):
         except CorruptCheckpointError:
             report.rejected += 1
             if cid in chain.acked and loc in committed:
+                report.lost += 1
                 report.fail(f"{what} an acknowledged, committed checkpoint is rejected as corrupt")
             continue
         except Exception as e:  # noqa: BLE001 - any other exception type is a finding
@@ -235,6 +272,7 @@ def verify(chain, report, *, power_loss, acked_now):
             missing = len(set(want) - set(got))
             extra = len(set(got) - set(want))
             diff = sum(1 for k in set(want) & set(got) if want[k] != got[k])
+            report.mismatches += 1
             report.fail(f"{what} restored state differs from replay(seed, {schedule[cid - 1]}): "
                         f"{missing} missing, {extra} extra, {diff} different entries (partially accepted)")
             continue
@@ -253,6 +291,7 @@ def verify(chain, report, *, power_loss, acked_now):
     newest_acked = max(chain.acked, default=0)
     newest_valid = valid[-1][0] if valid else 0
     if newest_valid < newest_acked:
+        report.lost += 1
         report.fail(f"[{chain.backend} seed={chain.seed}] lost acknowledged checkpoint {newest_acked}: newest valid "
                     f"checkpoint on storage is {newest_valid or 'none'}" + (" (after power loss)" if power_loss else ""))
         chain.done = True  # the chain cannot continue meaningfully
@@ -262,19 +301,58 @@ def verify(chain, report, *, power_loss, acked_now):
 
 # ----------------------------------------------------------------------------- one cycle
 
-def run_cycle(chain, report, rng, cycle, *, power_loss, extra_env=None):
+def read_io_log(log_path):
+    try:
+        with open(log_path) as f:
+            return [tuple(line.rstrip("\n").split("\t", 1)) for line in f if "\t" in line]
+    except FileNotFoundError:
+        return []
+
+
+def confirm_kill_point(events, point, n):
+    """Why a whitebox kill at the n-th ``point`` event is NOT confirmed by the I/O log, or None if it is.
+
+    The child's hook logs every event before it acts on it, so a kill at the point leaves a log
+    whose last event is that point, with exactly n events matching it."""
+    event, sub = point
+    matching = sum(1 for ev, path in events if ev == event and sub in path)
+    if not events or events[-1][0] != event or sub not in events[-1][1]:
+        return f"died elsewhere ({matching}/{n} reached)"
+    if matching != n:
+        return f"died at occurrence {matching}, armed for {n}"
+    return None
+
+
+def dirsync_phase(events):
+    """Where a kill at a ``dirsync`` of a chk- folder landed, from the events of that folder before it."""
+    folder = events[-1][1]
+    for ev, path in reversed(events[:-1]):
+        if ev == "publish" and os.path.dirname(path) == folder:
+            return "after publish"
+        if ev == "delete" and path == folder:
+            return "retention delete"
+        if ev in ("write", "fsync") and os.path.dirname(path) == folder:
+            return "before publish"
+    return "other"
+
+
+def run_cycle(chain, report, rng, cycle, *, point, power_loss, extra_env=None):
+    """One child run killed at the whitebox ``point`` ((event, path substring)), or blackbox if None."""
     log_path = os.path.join(chain.root, f"io-{cycle}.log")
     env = dict(os.environ)
     env.pop("STATECORE_CRASH_KILL", None)
+    env.pop("STATECORE_CRASH_IOLOG", None)
     env["PYTHONPATH"] = PKG_PARENT
     env.update(extra_env or {})
-    if power_loss:
+    blackbox = point is None
+    if power_loss or not blackbox:
+        # Whitebox cycles always log: the log's last event confirms where the child died.
         env["STATECORE_CRASH_IOLOG"] = log_path
-    blackbox = cycle % BLACKBOX_EVERY == 0
-    point = None
+    n = None
     if not blackbox:
-        point = KILL_POINTS[(cycle // BLACKBOX_EVERY) % len(KILL_POINTS)]
-        env["STATECORE_CRASH_KILL"] = f"{point[0]}:{point[1]}:{rng.randint(1, 8)}"
+        n = rng.randint(1, 8)
+        env["STATECORE_CRASH_KILL"] = f"{point[0]}:{point[1]}:{n}"
+        report.kill_attempts[":".join(point)] += 1
     cfg = {"backend": chain.backend, "ckpt_dir": chain.ckpt_dir, "db_dir": chain.db_dir, "seed": chain.seed,
            "resume_id": chain.resume_id, "resume_location": chain.resume_location, "num_retained": NUM_RETAINED}
     stderr_path = os.path.join(chain.root, f"stderr-{cycle}.txt")
@@ -282,6 +360,7 @@ def run_cycle(chain, report, rng, cycle, *, power_loss, extra_env=None):
         p = subprocess.Popen([sys.executable, WRITER, json.dumps(cfg)], cwd=chain.root, env=env,
                              stdout=subprocess.PIPE, stderr=err, text=True)
     watchdog = threading.Timer(START_TIMEOUT, p.kill)
+    timer_killed = False
     watchdog.start()
     try:
         first = p.stdout.readline()
@@ -295,7 +374,7 @@ def run_cycle(chain, report, rng, cycle, *, power_loss, extra_env=None):
             except subprocess.TimeoutExpired:
                 p.kill()
                 rest, _ = p.communicate()
-                point = ("timer", "")
+                timer_killed = True
     finally:
         watchdog.cancel()
     lines = [first.strip()] + rest.splitlines()
@@ -321,14 +400,27 @@ def run_cycle(chain, report, rng, cycle, *, power_loss, extra_env=None):
                 report.fail(f"{what} ACK {cid} at op {op}, schedule says {schedule[cid - 1]}")
         if parts:
             last = parts[0]
+    name = "blackbox" if blackbox else ":".join(point)
     if p.returncode == 0 and last == "DONE":
         report.completed_streams += 1
         chain.done = True
+        if not blackbox:
+            report.kill_misses[f"{name} stream completed first"] += 1
     elif p.returncode == -signal.SIGKILL:
         report.kills += 1
-        report.kill_points["blackbox" if blackbox else ":".join(point)] += 1
         if last == "BEGIN":
             report.inside_checkpoint += 1
+        if blackbox:
+            report.kill_points[name] += 1
+        else:
+            events = read_io_log(log_path)
+            why = "not reached in time: timer kill" if timer_killed else confirm_kill_point(events, point, n)
+            if why is None:
+                report.kill_points[name] += 1
+                if point[0] == "dirsync":
+                    report.dirsync_phases[dirsync_phase(events)] += 1
+            else:
+                report.kill_misses[f"{name} {why}"] += 1
     else:
         report.fail(f"{what} child exited with rc={p.returncode}: {stderr[-2000:]}")
         chain.done = True
@@ -342,22 +434,61 @@ def run_cycle(chain, report, rng, cycle, *, power_loss, extra_env=None):
     chain.restarts += 1
 
 
-def run_harness(backend, tmp_path, cycles, seed, *, extra_env=None, stop_on_failure=False, power_loss_every=None):
+def run_harness(backend, tmp_path, cycles, seed, *, extra_env=None, stop_on_failure=False, power_loss_every=None,
+                quota=0):
+    """``cycles`` kill cycles: every BLACKBOX_EVERY-th blackbox, the others whitebox, round-robin over
+    KILL_POINTS.  Then, while a named point has fewer than ``quota`` confirmed hits, extra whitebox
+    cycles at it (at most TOPUP_ATTEMPTS_PER_HIT per missing hit, so an unreachable point fails
+    the quota check instead of looping)."""
     rng = random.Random(seed)
     report = Report()
-    chain = None
-    n_chain = 0
+    state = {"chain": None, "n_chain": 0}
     every = POWER_LOSS_EVERY if power_loss_every is None else power_loss_every
-    for cycle in range(cycles):
+
+    def one(cycle, point):
+        chain = state["chain"]
         if chain is None or chain.done or chain.restarts >= MAX_RESTARTS_PER_SEED:
-            n_chain += 1
-            root = tmp_path / f"{backend}-chain{n_chain}"
+            state["n_chain"] += 1
+            root = tmp_path / f"{backend}-chain{state['n_chain']}"
             root.mkdir()
-            chain = Chain(backend, str(root), seed=seed * 1000 + n_chain)
-        run_cycle(chain, report, rng, cycle, power_loss=(cycle % every == every - 1), extra_env=extra_env)
-        if stop_on_failure and report.failures:
-            break
+            chain = state["chain"] = Chain(backend, str(root), seed=seed * 1000 + state["n_chain"])
+        run_cycle(chain, report, rng, cycle, point=point, power_loss=(cycle % every == every - 1),
+                  extra_env=extra_env)
+        return not (stop_on_failure and report.failures)
+
+    whitebox = 0
+    for cycle in range(cycles):
+        point = None
+        if cycle % BLACKBOX_EVERY:
+            point = KILL_POINTS[whitebox % len(KILL_POINTS)]
+            whitebox += 1
+        if not one(cycle, point):
+            return report
+    cycle = cycles
+    for point in KILL_POINTS:
+        name = ":".join(point)
+        budget = TOPUP_ATTEMPTS_PER_HIT * max(0, quota - report.kill_points[name])
+        while report.kill_points[name] < quota and budget > 0:
+            budget -= 1
+            report.topup_cycles += 1
+            if not one(cycle, point):
+                return report
+            cycle += 1
     return report
+
+
+def summarize(backend, report, elapsed):
+    hits = ", ".join(f"{e}:{s} {report.kill_points[f'{e}:{s}']}/{report.kill_attempts[f'{e}:{s}']}"
+                     for e, s in KILL_POINTS)
+    return (f"{backend}: {report.cycles} cycles ({report.topup_cycles} top-up), {report.kills} kills "
+            f"({report.inside_checkpoint} inside a checkpoint, {report.kill_points['blackbox']} blackbox), "
+            f"{report.power_losses} power losses ({report.unsynced_dropped} entries dropped, "
+            f"{report.unsynced_truncated} files cut), {report.completed_streams} streams completed, "
+            f"{report.acks} ACKs, {report.folders_checked} folders checked ({report.valid} valid, "
+            f"{report.rejected} rejected), lost ACKed {report.lost}, mismatches {report.mismatches}, "
+            f"{len(report.failures)} failures, {elapsed:.1f}s\n"
+            f"  kill points hit/attempted (quota {KILL_POINT_QUOTA}): {hits}\n"
+            f"  dirsync kills: {dict(report.dirsync_phases)}; misses: {dict(report.kill_misses) or 'none'}")
 
 
 def _backends():
@@ -369,21 +500,21 @@ def _backends():
 @pytest.mark.parametrize("backend", _backends())
 def test_kill9_during_checkpoints_never_loses_acked_or_accepts_partial(backend, tmp_path):
     t0 = time.monotonic()
-    report = run_harness(backend, tmp_path, CYCLES_PER_BACKEND, seed=17 if backend == "hashmap" else 29)
+    report = run_harness(backend, tmp_path, CYCLES_PER_BACKEND, seed=17 if backend == "hashmap" else 29,
+                         quota=KILL_POINT_QUOTA)
     elapsed = time.monotonic() - t0
-    summary = (f"{backend}: {report.cycles} cycles, {report.kills} kills ({report.inside_checkpoint} inside a "
-               f"checkpoint), {report.power_losses} power losses ({report.unsynced_dropped} entries dropped, "
-               f"{report.unsynced_truncated} files cut), {report.completed_streams} streams completed, "
-               f"{report.acks} ACKs, {report.folders_checked} folders checked ({report.valid} valid, "
-               f"{report.rejected} rejected), kill points {dict(report.kill_points)}, {elapsed:.1f}s")
+    summary = summarize(backend, report, elapsed)
     print("\n" + summary)
     assert not report.failures, "\n".join(report.failures[:20]) + "\n" + summary
-    assert report.kills >= CYCLES_PER_BACKEND * 0.9, summary
+    assert report.lost == 0 and report.mismatches == 0, summary
+    assert report.kills >= report.cycles * 0.9, summary
     assert report.acks > 0 and report.valid > 0, summary
     # Most kills must land inside a checkpoint (whitebox kills always do).
     assert report.inside_checkpoint >= report.kills * 0.5, summary
-    for event, sub in KILL_POINTS:
-        assert report.kill_points[f"{event}:{sub}"] >= 1, (event, sub, summary)
+    # Every named kill point of the checkpoint protocol really killed the child >= KILL_POINT_QUOTA times.
+    short = {f"{e}:{s}": report.kill_points[f"{e}:{s}"] for e, s in KILL_POINTS
+             if report.kill_points[f"{e}:{s}"] < KILL_POINT_QUOTA}
+    assert not short, f"kill points below the quota of {KILL_POINT_QUOTA}: {short}\n{summary}"
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ _states.pyx; the LMDB tier provides its own.  Contract of every method:
   entries passed; it must not change the table.  ``consistent_copy`` returns a
   table (or any object whose ``snapshot`` works later, from another thread)
   holding this table's entries as of now, for asynchronous checkpoints.
-* ``reserve`` is a hint that about n more (key, namespace) entries are coming (restore).
+* ``reserve`` is a hint that about n more (key, namespace) entries are coming (restore);
+  ``prefetch`` a hint that the entry of hash ``h`` is about to be written (restore).
 * ``restamp`` sets the timestamp of every entry (and list record) to ``ts``
   (TTL switched on or off at restore, as Flink 2.2 migrates).
 * ``put_batch``/``get_batch`` (ValueState batch fast path): ``m`` keys of
@@ -33,21 +34,7 @@ _states.pyx; the LMDB tier provides its own.  Contract of every method:
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 
 from statecore._csrc cimport sc_buf
-
-
-cdef class SnapshotSink:
-    """Collects snapshot records in one buffer per key group (see _states.pyx)."""
-    cdef sc_buf *bufs
-    cdef long long *counts
-    cdef int kg_start
-    cdef int kg_end
-    cdef int64_t ttl
-    cdef int64_t now
-    cdef int layout
-    cdef long long dropped
-    cdef sc_buf scratch
-    cdef int add(self, const uint8_t *k, size_t kl, const uint8_t *uk, size_t ukl, const uint8_t *v, size_t vl,
-                 int64_t ts) noexcept nogil
+from statecore._sink cimport SnapshotSink
 
 
 cdef class StateTable:
@@ -77,6 +64,7 @@ cdef class StateTable:
     cdef object consistent_copy(self)
     cdef int restamp(self, int64_t ts, int layout) except -1
     cdef int reserve(self, size_t n) except -1
+    cdef void prefetch(self, uint32_t h) noexcept
     cdef int put_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
                        const uint8_t *vals, size_t vl, int64_t ts) except -1
     cdef int get_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,

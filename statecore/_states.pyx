@@ -36,7 +36,10 @@ from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be
                               sc_table_put, sc_table_slot, sc_table_clone, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._records cimport (append_record, as_bytes, buf_init, filter_list_blob, read_record, reserve,
                                 restamp_blob)
+from statecore._sink cimport LAYOUT_LIST, LAYOUT_MAP, LAYOUT_VALUE, SnapshotSink
 from statecore._status cimport check
+
+import threading
 
 import numpy as np
 
@@ -48,12 +51,6 @@ from statecore.ttl import ManualClock
 
 cdef object _MISSING = object()
 cdef uint64_t SIGN = 0x8000000000000000ULL
-
-# Storage layouts of a state's entries (what incremental cleanup must parse).
-cdef enum:
-    LAYOUT_VALUE = 0   # one value per (key, namespace)
-    LAYOUT_LIST = 1    # one blob of timestamped records per (key, namespace)
-    LAYOUT_MAP = 2     # one entry per (key, namespace, user key)
 
 cdef enum:
     BATCH_BLOCK = 256  # keys per StateTable.put_batch/get_batch call of the ValueState batch fast path
@@ -70,117 +67,6 @@ cdef int next_record(const uint8_t **pp, const uint8_t *end, int64_t *ts, const 
 
 
 # ------------------------------------------------------------------ snapshots
-
-#: First bytes of every snapshot data file (format version 1).
-DATA_MAGIC = b"SCKDATA1"
-
-
-cdef class SnapshotSink:
-    """Snapshot records of one keyed backend, one buffer per owned key group.
-
-    A record is ``varint len(key) | key | varint len(value) | value | BE64 ts``
-    where key is the full composite key (``kg | state id | key | ns | user key``).
-    ``set_state(ttl, now, layout)`` selects the state being added; with ttl > 0
-    (``cleanup_full_snapshot``) expired entries and list records are left out.
-    ``add`` needs no GIL, so heap tables are serialized with the GIL released.
-    """
-
-    def __cinit__(self, int kg_start, int kg_end):
-        if kg_end < kg_start:
-            raise ValueError("empty key-group range")
-        self.kg_start = kg_start
-        self.kg_end = kg_end
-        self.bufs = <sc_buf *>calloc(kg_end - kg_start + 1, sizeof(sc_buf))
-        self.counts = <long long *>calloc(kg_end - kg_start + 1, sizeof(long long))
-        buf_init(&self.scratch)
-        if self.bufs is NULL or self.counts is NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        cdef int i
-        if self.bufs is not NULL:
-            for i in range(self.kg_end - self.kg_start + 1):
-                sc_buf_free(&self.bufs[i])
-        free(self.bufs)
-        free(self.counts)
-        sc_buf_free(&self.scratch)
-
-    def set_state(self, int64_t ttl, int64_t now, int layout):
-        self.ttl = ttl
-        self.now = now
-        self.layout = layout
-
-    @property
-    def dropped(self):
-        """Entries and list records left out as expired (cleanup_full_snapshot)."""
-        return self.dropped
-
-    @property
-    def records(self):
-        """Records added so far (all key groups)."""
-        cdef long long n = 0
-        cdef int i
-        for i in range(self.kg_end - self.kg_start + 1):
-            n += self.counts[i]
-        return n
-
-    cdef int add(self, const uint8_t *k, size_t kl, const uint8_t *uk, size_t ukl, const uint8_t *v, size_t vl,
-                 int64_t ts) noexcept nogil:
-        cdef int kg, rc
-        cdef sc_buf *b
-        if kl < SC_KC_HEAD:
-            return -2
-        kg = sc_be16_get(k)
-        if kg < self.kg_start or kg > self.kg_end:
-            return -2
-        if self.ttl:
-            if self.layout == LAYOUT_LIST:
-                rc = filter_list_blob(v, v + vl, self.ttl, self.now, &self.scratch, &self.dropped)
-                if rc:
-                    return rc
-                if self.scratch.len == 0:
-                    return 0
-                v = self.scratch.data
-                vl = self.scratch.len
-            elif sc_ttl_expired(ts, self.ttl, self.now):
-                self.dropped += 1
-                return 0
-        b = &self.bufs[kg - self.kg_start]
-        if sc_buf_reserve(b, 2 * SC_VARINT_MAX + kl + ukl + vl + 8) != SC_OK:
-            return -1
-        b.len += sc_varint_put(b.data + b.len, kl + ukl)
-        memcpy(b.data + b.len, k, kl)
-        b.len += kl
-        if ukl:
-            memcpy(b.data + b.len, uk, ukl)
-            b.len += ukl
-        b.len += sc_varint_put(b.data + b.len, vl)
-        if vl:
-            memcpy(b.data + b.len, v, vl)
-            b.len += vl
-        sc_be64_put(b.data + b.len, <uint64_t>ts)
-        b.len += 8
-        self.counts[kg - self.kg_start] += 1
-        return 0
-
-    def collect(self):
-        """(file bytes as a bytearray, [[key_group, offset, length, entries], ...] for non-empty key groups)."""
-        cdef int i
-        cdef Py_ssize_t total = len(DATA_MAGIC), off
-        for i in range(self.kg_end - self.kg_start + 1):
-            total += self.bufs[i].len
-        out = bytearray(total)
-        out[:len(DATA_MAGIC)] = DATA_MAGIC
-        cdef unsigned char[::1] view = out
-        off = len(DATA_MAGIC)
-        sections = []
-        for i in range(self.kg_end - self.kg_start + 1):
-            if self.bufs[i].len:
-                memcpy(&view[off], self.bufs[i].data, self.bufs[i].len)
-                sections.append([self.kg_start + i, off, self.bufs[i].len, self.counts[i]])
-                off += self.bufs[i].len
-        return out, sections  # a bytearray: the file's bytes, not copied again
-
 
 cdef int64_t TOMBSTONE = INT64_MIN
 #: Timestamp of a delta record that deletes a whole (state, key, namespace) entry before it is rewritten.
@@ -211,23 +97,58 @@ def snapshot_delta(list prefixes, dict tables, SnapshotSink sink):
         table, layout = entry
         pp = <const uint8_t *>PyBytes_AS_STRING(p)
         h = sc_table_hash(pp, PyBytes_GET_SIZE(p))
-        check_sink(sink.add(pp, PyBytes_GET_SIZE(p), NULL, 0, NULL, 0, TOMBSTONE))
+        sink.check(sink.add(pp, PyBytes_GET_SIZE(p), NULL, 0, NULL, 0, TOMBSTONE))
         n += 1
         if layout == LAYOUT_MAP:
             for ukb, vb, ts in table.mitems(pp, PyBytes_GET_SIZE(p), h):
-                check_sink(sink.add(pp, PyBytes_GET_SIZE(p), <const uint8_t *>PyBytes_AS_STRING(ukb),
+                sink.check(sink.add(pp, PyBytes_GET_SIZE(p), <const uint8_t *>PyBytes_AS_STRING(ukb),
                                     PyBytes_GET_SIZE(ukb), <const uint8_t *>PyBytes_AS_STRING(vb),
                                     PyBytes_GET_SIZE(vb), ts))
                 n += 1
         elif table.get(pp, PyBytes_GET_SIZE(p), h, &v, &vl, &ts):
-            check_sink(sink.add(pp, PyBytes_GET_SIZE(p), NULL, 0, v, vl, ts))
+            sink.check(sink.add(pp, PyBytes_GET_SIZE(p), NULL, 0, v, vl, ts))
             n += 1
     return n
 
 
-def snapshot_table(StateTable table, SnapshotSink sink):
-    """Pass every entry of ``table`` to ``sink`` (heap tables: GIL released); returns the count."""
-    return table.snapshot(sink)
+#: Heap tables with at least this many entries are serialized by two threads (see snapshot_table).
+PARALLEL_SNAPSHOT_ENTRIES = 1 << 16
+
+
+def snapshot_table(StateTable table, SnapshotSink sink, SnapshotSink second=None):
+    """Pass every entry of ``table`` to ``sink``; returns the count.
+
+    Heap tables are serialized with the GIL released.  With ``second`` (a sink
+    over the same key groups), a large heap table is split into two halves of
+    its slot array and the second half is serialized into ``second`` by a helper
+    thread at the same time: the table is only read, and each thread owns its
+    sink.  The caller must not change the table meanwhile (checkpoint holds the
+    backend; an asynchronous checkpoint serializes a private copy).
+    """
+    cdef HeapStateTable heap
+    cdef size_t mid
+    if second is None or not isinstance(table, HeapStateTable) or \
+            (<HeapStateTable>table).t.count < PARALLEL_SNAPSHOT_ENTRIES:
+        return table.snapshot(sink)
+    heap = <HeapStateTable>table
+    mid = (heap.t.mask + 1) // 2
+    other = {}
+
+    def second_half():
+        try:
+            other["n"] = heap.snapshot_part(second, mid, heap.t.mask + 1, 2)
+        except BaseException as exc:  # re-raised in the caller's thread below
+            other["error"] = exc
+
+    helper = threading.Thread(target=second_half, name="statecore-snapshot", daemon=True)
+    helper.start()
+    try:
+        n = heap.snapshot_part(sink, 0, mid, 2)
+    finally:
+        helper.join()
+    if "error" in other:
+        raise other["error"]
+    return n + other["n"]
 
 
 def reserve_entries(StateTable table, size_t n):
@@ -245,14 +166,6 @@ def consistent_copy(StateTable table):
     return table.consistent_copy()
 
 
-cdef inline int check_sink(int rc) except -1:
-    if rc == -1:
-        raise MemoryError("statecore: out of memory while taking a snapshot")
-    if rc == -2:
-        raise StateError("statecore: malformed entry found while taking a snapshot")
-    return 0
-
-
 cdef bint valid_list_blob(const uint8_t *p, const uint8_t *end) noexcept nogil:
     """A ListState value is a sequence of well-formed records (checked on restore, before it is stored)."""
     cdef const uint8_t *el
@@ -265,6 +178,10 @@ cdef bint valid_list_blob(const uint8_t *p, const uint8_t *end) noexcept nogil:
             return rc == 0
 
 
+cdef enum:
+    LOAD_BLOCK = 32  # records parsed, hashed and prefetched before any of them is inserted (restore)
+
+
 def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, Py_ssize_t length, int kg,
                  dict sidmap, str where):
     """Insert the records of one key-group section into the restored tables.
@@ -272,22 +189,33 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     ``sidmap`` maps the snapshot's state id to ``(new state id, StateTable, layout)``.
     Every record is checked (bounds, key group, state id) and a malformed one
     raises ``CorruptCheckpointError`` naming ``where``.  Returns the record count.
+    Records are taken in blocks of one state: the block's keys are re-labelled
+    with the new state id and hashed, and their table slots prefetched, before
+    any is inserted, so the cache misses of a large restore overlap.
     """
     cdef const uint8_t *p
+    cdef const uint8_t *rec
     cdef const uint8_t *end
     cdef const uint8_t *k
     cdef const uint8_t *v
+    cdef const uint8_t *key
+    cdef const uint8_t *vs[LOAD_BLOCK]
+    cdef size_t kls[LOAD_BLOCK]
+    cdef size_t vls[LOAD_BLOCK]
+    cdef size_t koffs[LOAD_BLOCK]
+    cdef int64_t tss[LOAD_BLOCK]
+    cdef uint32_t hs[LOAD_BLOCK]
     cdef uint64_t kl = 0, vl = 0
-    cdef size_t used
+    cdef size_t used, plen
     cdef int64_t ts
     cdef long long n = 0
+    cdef int m, j
     cdef sc_kc_parts parts
     cdef sc_buf *kbuf = &kb.rbuf
     cdef StateTable table
     cdef int layout = 0
     cdef uint16_t sid = 0
     cdef int last_sid = -1
-    cdef size_t plen
     if off < 0 or length < 0 or off + length > data.shape[0]:
         raise CorruptCheckpointError(f"{where}: key group {kg} section [{off}, +{length}) is outside the file")
     if length == 0:
@@ -295,52 +223,77 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     p = &data[off]
     end = p + length
     while p < end:
-        used = sc_varint_get(p, end, &kl)
-        if used == 0 or kl > <uint64_t>(end - p - used) or kl < SC_KC_HEAD:
-            raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
-        k = p + used
-        p = k + kl
-        used = sc_varint_get(p, end, &vl)
-        if used == 0 or vl > <uint64_t>(end - p - used) or <uint64_t>(end - p - used) - vl < 8:
-            raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
-        v = p + used
-        p = v + vl
-        ts = <int64_t>sc_be64_get(p)
-        p += 8
-        if sc_be16_get(k) != kg:
-            raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k)} is filed under {kg}")
-        if sc_be16_get(k + 2) != last_sid:  # records of one state come in runs: look up once per run
-            entry = sidmap.get(sc_be16_get(k + 2))
-            if entry is None:
-                raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
-                                             "which the metadata does not declare")
-            sid, table, layout = entry
-            last_sid = sc_be16_get(k + 2)
+        # Pass 1: parse up to LOAD_BLOCK records of one state; their keys go to kbuf (by offset:
+        # kbuf may move while it grows) with the state id of the restoring backend.
         kbuf.len = 0
-        reserve(kbuf, kl)
-        memcpy(kbuf.data, k, kl)
-        sc_be16_put(kbuf.data + 2, sid)
-        kbuf.len = kl
-        if sc_kc_parse(kbuf.data, kl, &parts) != SC_OK:
-            raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
-        if ts == TOMBSTONE:
-            # A delta's tombstone: the (state, key, namespace) entry is rewritten from scratch.
-            if vl or parts.uklen:
-                raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
-            if layout == LAYOUT_MAP:
-                table.mclear(kbuf.data, kl, sc_table_hash(kbuf.data, kl))
-            else:
-                table.remove(kbuf.data, kl, sc_table_hash(kbuf.data, kl))
-        elif layout == LAYOUT_MAP:
-            plen = kl - parts.uklen
-            table.mput(kbuf.data, plen, sc_table_hash(kbuf.data, plen), parts.user_key, parts.uklen, v, vl, ts)
-        elif layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
-            raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
-        elif parts.uklen:
-            raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
-        if layout != LAYOUT_MAP and ts != TOMBSTONE:
-            table.put(kbuf.data, kl, sc_table_hash(kbuf.data, kl), v, vl, ts)
-        n += 1
+        m = 0
+        while p < end and m < LOAD_BLOCK:
+            rec = p
+            used = sc_varint_get(p, end, &kl)
+            if used == 0 or kl > <uint64_t>(end - p - used) or kl < SC_KC_HEAD:
+                raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
+            k = p + used
+            p = k + kl
+            used = sc_varint_get(p, end, &vl)
+            if used == 0 or vl > <uint64_t>(end - p - used) or <uint64_t>(end - p - used) - vl < 8:
+                raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
+            v = p + used
+            p = v + vl
+            ts = <int64_t>sc_be64_get(p)
+            p += 8
+            if sc_be16_get(k) != kg:
+                raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k)} is filed under {kg}")
+            if sc_be16_get(k + 2) != last_sid:  # records of one state come in runs: look up once per run
+                if m:
+                    p = rec  # the next block starts with this record
+                    break
+                entry = sidmap.get(sc_be16_get(k + 2))
+                if entry is None:
+                    raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
+                                                 "which the metadata does not declare")
+                sid, table, layout = entry
+                last_sid = sc_be16_get(k + 2)
+            reserve(kbuf, kl)
+            memcpy(kbuf.data + kbuf.len, k, kl)
+            sc_be16_put(kbuf.data + kbuf.len + 2, sid)
+            koffs[m] = kbuf.len
+            kbuf.len += kl
+            kls[m] = kl
+            vs[m] = v
+            vls[m] = vl
+            tss[m] = ts
+            m += 1
+        if layout != LAYOUT_MAP:
+            for j in range(m):
+                hs[j] = sc_table_hash(kbuf.data + koffs[j], kls[j])
+                table.prefetch(hs[j])
+        # Pass 2: check and insert.
+        for j in range(m):
+            key = kbuf.data + koffs[j]
+            kl = kls[j]
+            v = vs[j]
+            vl = vls[j]
+            ts = tss[j]
+            if sc_kc_parse(key, kl, &parts) != SC_OK:
+                raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
+            if ts == TOMBSTONE:
+                # A delta's tombstone: the (state, key, namespace) entry is rewritten from scratch.
+                if vl or parts.uklen:
+                    raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
+                if layout == LAYOUT_MAP:
+                    table.mclear(key, kl, sc_table_hash(key, kl))
+                else:
+                    table.remove(key, kl, hs[j])
+            elif layout == LAYOUT_MAP:
+                plen = kl - parts.uklen
+                table.mput(key, plen, sc_table_hash(key, plen), parts.user_key, parts.uklen, v, vl, ts)
+            elif layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
+                raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
+            elif parts.uklen:
+                raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
+            if layout != LAYOUT_MAP and ts != TOMBSTONE:
+                table.put(key, kl, hs[j], v, vl, ts)
+            n += 1
     return n
 
 
@@ -424,6 +377,9 @@ cdef class StateTable:
     cdef int reserve(self, size_t n) except -1:
         return 0
 
+    cdef void prefetch(self, uint32_t h) noexcept:
+        pass
+
     cdef int put_batch(self, const uint8_t *keys, size_t kw, size_t kl, const uint32_t *hs, Py_ssize_t m,
                        const uint8_t *vals, size_t vl, int64_t ts) except -1:
         """``put`` of m fixed-width keys/values in order (see _states.pxd); tables may override it."""
@@ -449,15 +405,16 @@ cdef class StateTable:
         return 0
 
 
-cdef int heap_snapshot(sc_table *t, SnapshotSink sink, long long *count) noexcept nogil:
-    cdef size_t pos = 0, ipos
+cdef int heap_snapshot(sc_table *t, SnapshotSink sink, size_t lo, size_t hi, long long *count) noexcept nogil:
+    """Pass the entries in slots [lo, hi) of t to sink."""
+    cdef size_t pos = lo, ipos
     cdef sc_entry *e
     cdef sc_entry *m
     cdef sc_table *inner
     cdef int rc
     while True:
         e = sc_table_next(t, &pos)
-        if e is NULL:
+        if e is NULL or pos > hi:  # pos is one past the slot of e
             return 0
         if t.nested:
             inner = sc_entry_inner(e)
@@ -475,6 +432,15 @@ cdef int heap_snapshot(sc_table *t, SnapshotSink sink, long long *count) noexcep
             if rc:
                 return rc
             count[0] += 1
+
+
+cdef size_t heap_record_bytes(sc_table *t) noexcept nogil:
+    """About the snapshot bytes of a flat table's entries (0 for nested tables: unknown without a walk)."""
+    cdef size_t slots = (t.mask + 1) * sizeof(sc_entry)
+    if t.nested or t.bytes < slots + sizeof(sc_table):
+        return 0
+    # Inline entries are at most SC_INLINE_BYTES of key + value; blocks are counted in t.bytes.
+    return t.count * (24 + 2 + 8) + (t.bytes - slots - sizeof(sc_table))
 
 
 @cython.final
@@ -629,12 +595,21 @@ cdef class HeapStateTable(StateTable):
         return dropped
 
     cdef long long snapshot(self, SnapshotSink sink) except -1:
+        return self.snapshot_part(sink, 0, self.t.mask + 1, 1)
+
+    cdef long long snapshot_part(self, SnapshotSink sink, size_t lo, size_t hi, int parts) except -1:
+        """Entries in slots [lo, hi) (one of ``parts`` equal parts) to sink, with the GIL released."""
         cdef long long n = 0
         cdef int rc
         with nogil:
-            rc = heap_snapshot(self.t, sink, &n)
-        check_sink(rc)
+            rc = sink.presize(heap_record_bytes(self.t) // <size_t>parts)
+            if rc == 0:
+                rc = heap_snapshot(self.t, sink, lo, hi, &n)
+        sink.check(rc)
         return n
+
+    cdef void prefetch(self, uint32_t h) noexcept:
+        sc_table_prefetch(self.t, h)
 
     cdef int reserve(self, size_t n) except -1:
         # Sizing the table once avoids rehashing it log2(n) times while a restore inserts.

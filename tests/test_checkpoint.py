@@ -305,7 +305,7 @@ def test_corrupt_data_file_refused_before_any_state(tmp_path):
         populate(kb, range(20))
         cp = kb.checkpoint(1)
     data_path = tmp_path / "c" / "job" / "operator"
-    files = [p for p in data_path.rglob("data.sckd")]
+    files = [p for p in data_path.rglob("*data.sckd")]
     assert len(files) == 1
     original = files[0].read_bytes()
     rng = random.Random(5)

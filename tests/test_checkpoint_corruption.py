@@ -24,6 +24,7 @@ or swapped into a savepoint folder (nothing in ``_metadata`` names its folder; i
 ``chk-<id>`` folder the id does, and load_checkpoint refuses it).  The previous valid checkpoint must still restore
 to its original content throughout, and the unmutated target afterwards.
 """
+import glob
 import os
 import random
 import time
@@ -115,6 +116,15 @@ class Checker:
                                  f"longer restores: {type(e).__name__}: {e}")
 
 
+def _file(folder, name):
+    """Path of ``name`` in a checkpoint folder; the data file is stored as ``<writer token>-data.sckd``."""
+    if name == DATA:
+        found = glob.glob(os.path.join(glob.escape(folder), "*" + DATA))
+        assert len(found) == 1, found
+        return found[0]
+    return os.path.join(folder, name)
+
+
 def _read(path):
     with open(path, "rb") as f:
         return f.read()
@@ -157,7 +167,7 @@ def crafted_metadata(meta_bytes, other_folder):
         return label, fmt.encode_metadata(b)
 
     f0 = lambda b: b["files"][0]  # noqa: E731
-    yield variant("crafted-path-other-chk", lambda b: f0(b).update(path=f"../{other_folder}/{DATA}"))
+    yield variant("crafted-path-other-chk", lambda b: f0(b).update(path=f"../{other_folder}"))
     yield variant("crafted-path-absolute", lambda b: f0(b).update(path="/etc/passwd"))
     yield variant("crafted-path-dotdot", lambda b: f0(b).update(path="../../../../etc/passwd"))
     yield variant("crafted-path-shared-missing", lambda b: f0(b).update(path="../shared/nosuch"))
@@ -195,8 +205,8 @@ def test_every_mutant_is_refused_with_corrupt_checkpoint_error(backend_name, kin
     assert fx.restore_dump(fx.target) == fx.target_dump and fx.target_dump != fx.prev_dump
     chk = Checker(fx)
     rng = random.Random(f"{backend_name}-{kind}")
-    target_files = {name: os.path.join(fx.target, name) for name in (DATA, META)}
-    donor_files = {name: os.path.join(fx.donor, name) for name in (DATA, META)}
+    target_files = {name: _file(fx.target, name) for name in (DATA, META)}
+    donor_files = {name: _file(fx.donor, name) for name in (DATA, META)}
     originals = {name: _read(p) for name, p in target_files.items()}
     donor_originals = {name: _read(p) for name, p in donor_files.items()}
 
@@ -250,7 +260,8 @@ def test_every_mutant_is_refused_with_corrupt_checkpoint_error(backend_name, kin
         chk.check_prev(f"{name} mutants")
 
     # Crafted metadata: valid container, lying body.  Restore must still refuse with the one error type.
-    for label, mutant in crafted_metadata(originals[META], os.path.basename(fx.prev.rstrip("/"))):
+    prev = fx.prev.rstrip("/")
+    for label, mutant in crafted_metadata(originals[META], os.path.relpath(_file(prev, DATA), os.path.dirname(prev))):
         write(target_files[META], mutant)
         chk.expect_corrupt(fx.target, f"{META}:{label}", metadata_mutant=label == "crafted-version-unreadable")
     write(target_files[META], originals[META])

@@ -114,7 +114,7 @@ def test_s3_corrupt_object_refused(tmp_path, s3_options):
         populate(kb, range(20))
         cp = kb.checkpoint(1)
     fs = s3fs.S3FileSystem(**opts)
-    path = cp.location[len("s3://"):] + "/data.sckd"
+    path = cp.location[len("s3://"):] + "/" + cp.metadata["files"][0]["path"]
     data = fs.cat_file(path)
     fs.pipe_file(path, data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(sc.CorruptCheckpointError, match="data.sckd"):

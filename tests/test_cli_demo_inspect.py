@@ -164,7 +164,7 @@ def test_inspect_json(tmp_path, checkpoint):
     assert msd["expired_at_checkpoint"] == 30 and msd["min_ts"] == DAY and msd["max_ts"] == 10 * DAY
     assert (seen["type"], seen["entries"], seen["ttl"], seen["value_serializer"]) == ("value", 40, None, "Int64 v1")
     # bytes per state and per key group add up to the data file (minus its 8-byte magic)
-    data_path = os.path.join(cp.location, "data.sckd")
+    data_path = os.path.join(cp.location, cp.metadata["files"][0]["path"])
     with open(data_path, "rb") as fh:
         data = fh.read()
     assert msd["bytes"] > seen["bytes"] > 0
@@ -212,7 +212,7 @@ def _copy(src, dst):
 
 def test_inspect_bit_flip_in_data_file(tmp_path, checkpoint):
     loc = _copy(checkpoint[0].location, tmp_path / "flipped")
-    path = loc / "data.sckd"
+    path, = loc.glob("*data.sckd")
     b = bytearray(path.read_bytes())
     b[len(b) // 2] ^= 0x10
     path.write_bytes(bytes(b))
@@ -229,7 +229,7 @@ def test_inspect_truncated_metadata(tmp_path, checkpoint):
 
 def test_inspect_truncated_data_file(tmp_path, checkpoint):
     loc = _copy(checkpoint[0].location, tmp_path / "short")
-    path = loc / "data.sckd"
+    path, = loc.glob("*data.sckd")
     path.write_bytes(path.read_bytes()[:-5])
     _one_line_error(_run(["inspect", str(loc)], tmp_path), "data.sckd: truncated")
 

@@ -403,22 +403,49 @@ def test_two_writers_same_checkpoint_second_raises(proxy, bucket_and_client, tmp
         assert dump(kb3) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="known issue (reported): both writers of one chk-N write the same "
-                                       "data.sckd key, so a losing writer overwrites the winner's data file; "
-                                       "the winner's checkpoint then fails verification (detected, not silent)")
 def test_losing_writer_does_not_clobber_the_winner(proxy, bucket_and_client, tmp_path):
+    """Two writers of one chk-N: data files are stored under per-writer names (write_file(unique=True),
+    as checkpoints write them), so the writer whose commit loses neither overwrites nor deletes the
+    winner's data."""
     bucket, _ = bucket_and_client
     proxy.disarm()
     storage = sc.FileSystemCheckpointStorage(f"s3://{bucket}/clobber-{uuid.uuid4().hex[:6]}",
                                              storage_options=proxy_options(proxy))
     a = storage.create_writer("j", "op", 5, "kg0-127")
     b = storage.create_writer("j", "op", 5, "kg0-127")
-    a.write_file("data.sckd", b"winner")
+    name_a, _, _ = a.write_file("data.sckd", b"winner", unique=True)
     a.commit(b"metadata of a")
-    b.write_file("data.sckd", b"loser!")
+    name_b, _, _ = b.write_file("data.sckd", b"loser!", unique=True)
+    assert name_a != name_b and name_a.endswith("-data.sckd")
     with pytest.raises(sc.CheckpointError):
         b.commit(b"metadata of b")
-    assert stg.read_file(a.location, "data.sckd") == b"winner"
+    assert stg.read_file(a.location, name_a) == b"winner"
+    with pytest.raises(sc.CorruptCheckpointError, match="missing"):
+        stg.read_file(b.location, name_b)  # the loser cleaned up only its own file
+
+
+def test_losing_checkpoint_does_not_clobber_the_winner(tmp_path):
+    """The same race through the snapshot layer on local disk: two keyed backends of one operator
+    instance both hold a writer for chk-7; the first commits, the second writes its data afterwards and
+    its commit fails; the first checkpoint still restores exactly."""
+    from statecore.checkpoint import snapshot
+    backend = sc.HashMapStateBackend(sc.FileSystemCheckpointStorage(str(tmp_path / "c")))
+    with backend.create_keyed_state_backend(job_id="k", operator_id="op") as kb1, \
+            backend.create_keyed_state_backend(job_id="k", operator_id="op") as kb2:
+        populate(kb1, range(30))
+        expected = dump(kb1)
+        populate(kb2, range(30, 60))
+        cut1 = snapshot._Cut(kb1, copy=False).serialize(cleanup_expired=True)
+        cut2 = snapshot._Cut(kb2, copy=False).serialize(cleanup_expired=True)
+        storage = backend.checkpoint_storage
+        w1 = storage.create_writer("k", "op", 7, snapshot._instance(kb1))
+        w2 = storage.create_writer("k", "op", 7, snapshot._instance(kb2))
+        with w1:
+            cp = snapshot._write(cut1, w1, 7, "native")
+        with w2, pytest.raises(sc.CheckpointError, match="already exists"):
+            snapshot._write(cut2, w2, 7, "native")
+    with backend.restore_keyed_state_backend([cp.location], job_id="k", operator_id="op") as kb3:
+        assert dump(kb3) == expected
 
 
 # ---------------------------------------------------------------------------------------------

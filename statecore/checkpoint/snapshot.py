@@ -24,14 +24,18 @@ import logging
 import re
 import uuid
 
-from statecore._states import (DATA_MAGIC, SnapshotSink, consistent_copy, load_section, snapshot_delta,
-                               snapshot_table, table_entries, reserve_entries)
+from statecore._sink import DATA_MAGIC, SnapshotSink, file_chunks
+from statecore._states import (consistent_copy, load_section, snapshot_delta, snapshot_table, table_entries,
+                               reserve_entries)
 from statecore.checkpoint import format as fmt
 from statecore.checkpoint import storage as stg
 from statecore.errors import CheckpointError, CorruptCheckpointError, StateMigrationError
 from statecore.keygroups import KeyGroupRange
 
+#: Data files are stored as ``<writer token>-data.sckd`` (see CheckpointWriter.write_file(unique=True)).
 DATA_FILE = "data.sckd"
+#: Snapshot bytes an LMDB-tier checkpoint keeps in memory before spilling a run (without memory_budget).
+DEFAULT_SPILL_BYTES = 64 << 20
 _log = logging.getLogger("statecore.checkpoint")
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +165,9 @@ class _Cut:
         self.now = kb._now_ms()
         self.backend = type(kb.state_backend).__name__ if kb.state_backend is not None else type(kb).__name__
         self.tables = []
-        self.sink = None
+        self.sinks = None
         self.delta = None
+        self.spill_dir, self.spill_bytes = _spill_config(kb)
         for meta, layout, table in kb._snapshot_tables():
             if copy:
                 table = consistent_copy(table)
@@ -177,8 +182,15 @@ class _Cut:
                 chain.has_base, chain.deltas, chain.broken = True, 0, False
 
     def serialize(self, cleanup_expired):
-        """Fill the sink from the tables (the expensive part; heap tables release the GIL)."""
-        sink = SnapshotSink(self.kgr.start, self.kgr.end)
+        """Fill the sinks from the tables (the expensive part; heap tables release the GIL).
+
+        Heap state is serialized by two threads into two sinks (halves of each
+        large table); the LMDB tier uses one sink that spills runs to a temp file
+        in its working directory, so a checkpoint's memory stays bounded.
+        """
+        sink = SnapshotSink(self.kgr.start, self.kgr.end, self.spill_dir, self.spill_bytes)
+        second = None if self.spill_bytes else SnapshotSink(self.kgr.start, self.kgr.end)
+        sinks = [sink] if second is None else [sink, second]
         states = []
         if self.delta is not None:
             sink.set_state(0, self.now, 0)
@@ -188,11 +200,12 @@ class _Cut:
             for meta, layout, table in self.tables:
                 ttl = meta["ttl"]
                 drop = ttl["ttl_ms"] if ttl and cleanup_expired and ttl.get("cleanup_full_snapshot") else 0
-                sink.set_state(drop, self.now, layout)
-                before = sink.records
-                snapshot_table(table, sink)
-                states.append(dict(meta, entries=sink.records - before))
-        self.sink, self.states, self.tables = sink, states, None
+                for s in sinks:
+                    s.set_state(drop, self.now, layout)
+                before = sum(s.records for s in sinks)
+                snapshot_table(table, sink, second)
+                states.append(dict(meta, entries=sum(s.records for s in sinks) - before))
+        self.sinks, self.states, self.tables = sinks, states, None
         return self
 
 
@@ -215,10 +228,19 @@ def _body(cut, checkpoint_id, fmt_name, files, incremental, size):
     }
 
 
+def _spill_config(kb):
+    """(spill directory, bytes) for this backend's snapshot sink: the LMDB tier spills, the heap does not."""
+    db_dir = getattr(kb, "db_dir", None)
+    if db_dir is None:
+        return None, 0
+    budget = getattr(kb.state_backend, "memory_budget", None)
+    return db_dir, max(1 << 20, int(budget) // 4) if budget else DEFAULT_SPILL_BYTES
+
+
 def _write(cut, writer, checkpoint_id, fmt_name):
     """A self-contained checkpoint: one data file in the checkpoint folder."""
-    data, sections = cut.sink.collect()
-    name, length, sha = writer.write_file(DATA_FILE, data)
+    chunks, sections, _ = file_chunks(cut.sinks)
+    name, length, sha = writer.write_file(DATA_FILE, chunks, unique=True)
     files = [{"path": name, "length": length, "sha256": sha, "key_groups": sections}]
     body = _body(cut, checkpoint_id, fmt_name, files, False, length)
     location = writer.commit(fmt.encode_metadata(body))
@@ -228,9 +250,9 @@ def _write(cut, writer, checkpoint_id, fmt_name):
 def _write_chained(kb, storage, cut, writer, checkpoint_id):
     """Incremental mode: data goes to the shared folder; the metadata lists the chain (base + deltas)."""
     chain = _chain(kb)
-    data, sections = cut.sink.collect()
+    chunks, sections, _ = file_chunks(cut.sinks)
     name = f"{_instance(kb)}-{uuid.uuid4().hex}.sckd"
-    relpath, length, sha = storage.write_shared_file(cut.job_id, cut.operator_id, name, data)
+    relpath, length, sha = storage.write_shared_file(cut.job_id, cut.operator_id, name, chunks)
     chain.created.add(relpath)
     entry = {"path": relpath, "length": length, "sha256": sha, "key_groups": sections}
     files = (list(chain.files) if cut.delta is not None else []) + [entry]
@@ -289,7 +311,7 @@ def _submit(kb, storage, cut, checkpoint_id):
             if kb.incremental and cut.delta is not None and chain.files is None:
                 raise CheckpointError(f"checkpoint {checkpoint_id} is incremental on top of a checkpoint that "
                                       "failed; the next checkpoint will be a full one")
-            if cut.sink is None:
+            if cut.sinks is None:
                 cut.serialize(cleanup_expired=True)
             writer = storage.create_writer(cut.job_id, cut.operator_id, checkpoint_id, _instance(kb))
             with writer:
@@ -304,7 +326,7 @@ def _submit(kb, storage, cut, checkpoint_id):
             # Drop the cut's tables (LMDB tier: buffer copies + a read transaction) as soon as this
             # checkpoint is done with them, even when it failed before reading them: the failed
             # future must not keep a transaction open (it would hold up map resizes).
-            cut.tables = None
+            cut.tables = cut.sinks = None
         try:
             _retain(kb, storage, completed)
         except CheckpointError as exc:
@@ -365,6 +387,8 @@ def restore(backend, checkpoints, **kwargs):
     if not completed:
         raise ValueError("restore needs at least one checkpoint (or use create_keyed_state_backend)")
     kb = backend.create_keyed_state_backend(**kwargs)
+    maps = []  # data files, memory-mapped (or spooled to a temp file and mapped): read via the page cache
+    spool_dir = getattr(kb, "db_dir", None)
     try:
         mine = kb.key_group_range
         key_ser = list(kb.key_serializer.identity())
@@ -385,7 +409,8 @@ def restore(backend, checkpoints, **kwargs):
                 if not wanted:
                     continue
                 where = f"{c.location}/{f['path']}"
-                data = stg.read_file(c.location, f["path"])
+                data = stg.read_mapped(c.location, f["path"], expected_len=f["length"], spool_dir=spool_dir)
+                maps.append(data)
                 fmt.verify_file(data, f["length"], f["sha256"], where)
                 if data[:len(DATA_MAGIC)] != DATA_MAGIC:
                     raise CorruptCheckpointError(f"{where}: not a statecore data file (bad magic)")
@@ -408,4 +433,5 @@ def restore(backend, checkpoints, **kwargs):
     except BaseException:
         kb.close()
         raise
+    # The maps are unmapped when the last reference goes (here, on return).
     return kb

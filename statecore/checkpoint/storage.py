@@ -24,17 +24,21 @@ publish anything; a missing or malformed checkpoint raises
 :class:`~statecore.errors.CorruptCheckpointError` naming the file.
 """
 import functools
+import hashlib
+import mmap
 import os
 import posixpath
 import re
 import secrets
 import shutil
+import stat
+import tempfile
 import threading
 import weakref
 from itertools import count
 
 from statecore.errors import CheckpointError, CheckpointSizeExceededError, CorruptCheckpointError
-from statecore.checkpoint.format import CHECKSUM_SIZE, HEADER_SIZE, MAX_BODY_LENGTH, sha256_hex
+from statecore.checkpoint.format import CHECKSUM_SIZE, HEADER_SIZE, MAX_BODY_LENGTH
 
 __all__ = [
     "DEFAULT_MAX_STATE_SIZE",
@@ -45,6 +49,7 @@ __all__ = [
     "CheckpointWriter",
     "read_metadata",
     "read_file",
+    "read_mapped",
     "storage_for_location",
     "set_io_hook",
 ]
@@ -112,14 +117,93 @@ def _fsync_dir(path):
 
 
 def _as_bytes_view(data):
-    if isinstance(data, (bytes, bytearray, memoryview)):
+    try:
+        if isinstance(data, str):
+            raise TypeError
         view = memoryview(data)
-    else:
-        raise TypeError(f"checkpoint file data must be bytes, bytearray or memoryview, got {type(data).__name__}")
+    except TypeError:
+        raise TypeError("checkpoint file data must be bytes, bytearray, memoryview or another buffer, "
+                        f"got {type(data).__name__}") from None
     if not view.c_contiguous:
         raise TypeError("checkpoint file data must be a C-contiguous buffer")
     # Byte-wise view: len() and slicing count bytes whatever the buffer's item format.
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _as_payload(data):
+    """File contents as a list of byte views: one buffer, or a list/tuple of buffers written in order.
+
+    A list lets a checkpoint hand over its key-group sections as they lie in
+    memory (and its spilled runs as file mappings) without joining them first.
+    """
+    if isinstance(data, (list, tuple)):
+        return [_as_bytes_view(d) for d in data]
+    return [_as_bytes_view(data)]
+
+
+def _payload_bytes(payload):
+    return sum(v.nbytes for v in payload)
+
+
+def _joined(payload):
+    return payload[0].tobytes() if len(payload) == 1 else b"".join(payload)
+
+
+#: Files at least this large are hashed by a helper thread while they are written.
+_PARALLEL_HASH_BYTES = 1 << 20
+
+
+def _sha256_while(payload, write):
+    """Run ``write()`` and return the SHA-256 (hex) of payload, computed at the same time.
+
+    hashlib and os.write both release the GIL, so a large file costs about the
+    slower of the two instead of their sum.  A plain thread, not a pool: a pool's
+    worker would not survive a fork.
+    """
+    def digest():
+        h = hashlib.sha256()
+        for v in payload:
+            h.update(v)
+        return h.hexdigest()
+
+    if _payload_bytes(payload) < _PARALLEL_HASH_BYTES:
+        write()
+        return digest()
+    result = {}
+
+    def run():
+        try:
+            result["hex"] = digest()
+        except BaseException as exc:  # re-raised by the caller below
+            result["error"] = exc
+
+    helper = threading.Thread(target=run, name="statecore-sha256", daemon=True)
+    helper.start()
+    try:
+        write()
+    finally:
+        helper.join()
+    if "error" in result:
+        raise result["error"]
+    return result["hex"]
+
+
+_IOV_MAX = 1024
+
+
+def _write_all(fd, payload):
+    """Write every view of payload to fd in order (writev, resuming after short writes)."""
+    views = [v for v in payload if v.nbytes]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + _IOV_MAX])
+        while n:
+            if n >= views[i].nbytes:
+                n -= views[i].nbytes
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
 
 
 def _check_name(name, what="file name"):
@@ -177,15 +261,14 @@ class _LocalStore:
         for d in reversed(missing):
             _fsync_dir(os.path.dirname(d))
 
-    def write(self, path, view, exclusive=False):
-        """Write, fsync, close; on any failure unlink the partial file and re-raise."""
+    def write(self, path, payload, exclusive=False):
+        """Write the payload's views, fsync, close; on any failure unlink the partial file and re-raise."""
         _event("write", path)
+        payload = _as_payload(payload)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC) | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(path, flags, 0o644)
         try:
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, payload)
             _fsync_fd(fd, path)
         except BaseException:
             os.close(fd)
@@ -206,7 +289,7 @@ class _LocalStore:
         """Temp file in the same directory, fsync, atomic exclusive link, fsync directory."""
         final = os.path.join(dirpath, METADATA_NAME)
         tmp = os.path.join(dirpath, f"{METADATA_NAME}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        self.write(tmp, data, exclusive=True)
+        self.write(tmp, [data], exclusive=True)
         try:
             try:
                 # link() fails with EEXIST instead of replacing: an existing committed
@@ -225,10 +308,10 @@ class _LocalStore:
             _unlink_quietly(tmp)
         _fsync_dir(dirpath)
 
-    def put_atomic(self, path, view):
+    def put_atomic(self, path, payload):
         """Whole-file replace (shared files): temp + fsync + os.replace + directory fsync."""
         tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        self.write(tmp, view, exclusive=True)
+        self.write(tmp, payload, exclusive=True)
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -347,18 +430,20 @@ class _FsspecStore:
             self.fs.makedirs(path, exist_ok=True)
 
     @_as_oserror
-    def write(self, path, view, exclusive=False):
+    def write(self, path, payload, exclusive=False):
         _event("write", path)
+        payload = _as_payload(payload)
         if self.memory:
             # MemoryFileSystem commits a file at open(); pipe_file stores the whole
             # value in one step, so no reader ever sees a partial object.
-            self.fs.pipe_file(path, bytes(view), mode="create" if exclusive else "overwrite")
+            self.fs.pipe_file(path, _joined(payload), mode="create" if exclusive else "overwrite")
             return
         # Not `with fs.open(...)`: fsspec's __exit__ (and __del__) call close(), which
         # COMMITS the partial object even when an exception is propagating.
         f = self.fs.open(path, "xb" if exclusive else "wb")
         try:
-            f.write(view)
+            for view in payload:
+                f.write(view)
             f.close()  # completes the PUT / multipart upload: durable on return
         except BaseException:
             _discard(f)
@@ -394,7 +479,7 @@ class _FsspecStore:
         try:
             # "xb" = PUT with If-None-Match: * on s3fs (FileExistsError if the key
             # exists); memory:// checks existence in-process.
-            self.write(final, data, exclusive=True)
+            self.write(final, [data], exclusive=True)
         except OSError as e:
             # Some S3 implementations answer the failed condition with a bare 412.
             if not (isinstance(e, FileExistsError) or "PreconditionFailed" in str(e) or "pre-condition" in str(e)):
@@ -412,8 +497,8 @@ class _FsspecStore:
         except OSError:
             return False
 
-    def put_atomic(self, path, view):
-        self.write(path, view)  # one PUT is atomic on object stores
+    def put_atomic(self, path, payload):
+        self.write(path, payload)  # one PUT is atomic on object stores
 
     @_as_oserror
     def read(self, path, limit=None):
@@ -424,6 +509,14 @@ class _FsspecStore:
         if self.size(path) <= limit:
             return self.fs.cat_file(path)
         return self.fs.cat_file(path, start=0, end=limit)
+
+    @_as_oserror
+    def spool(self, path, limit, spool_dir):
+        """The first ``limit`` bytes of path as a read-only map of a local temp copy (see read_mapped)."""
+        if self.size(path) == 0:  # a ranged read of an empty object is an error on S3
+            return b""
+        with self.fs.open(path, "rb", block_size=_SPOOL_CHUNK) as src:
+            return _spool_to_map(src, limit, spool_dir)
 
     @_as_oserror
     def size(self, path):
@@ -503,9 +596,10 @@ class _JobManagerStore:
     def makedirs(self, path):
         pass
 
-    def write(self, path, view, exclusive=False):
+    def write(self, path, payload, exclusive=False):
         _event("write", path)
-        data = bytes(view)
+        payload = _as_payload(payload)
+        data = _joined(payload)
         with self.lock:
             if exclusive and path in self.files:
                 raise FileExistsError(path)
@@ -517,13 +611,13 @@ class _JobManagerStore:
     def publish(self, dirpath, data):
         final = posixpath.join(dirpath, METADATA_NAME)
         try:
-            self.write(final, data, exclusive=True)
+            self.write(final, [data], exclusive=True)
         except FileExistsError:
             raise _AlreadyCommitted(final) from None
         _event("publish", final)
 
-    def put_atomic(self, path, view):
-        self.write(path, view)
+    def put_atomic(self, path, payload):
+        self.write(path, payload)
 
     def read(self, path, limit=None):
         with self.lock:
@@ -631,6 +725,7 @@ class CheckpointWriter:
         self._dirs = {dirpath}  # directories to fsync before publishing
         self._state = "open"
         self._failure = None
+        self._token = secrets.token_hex(6)
         try:
             if store.exists(_normjoin(store, dirpath, METADATA_NAME)):
                 raise CheckpointError(f"{location}: a committed checkpoint already exists there; "
@@ -641,8 +736,15 @@ class CheckpointWriter:
         except OSError as e:
             raise CheckpointError(f"{location}: cannot create checkpoint folder: {e}") from e
 
-    def write_file(self, name, data):
+    def write_file(self, name, data, *, unique=False):
         """Write data file ``name`` (relative to the folder; '/'-separated safe components).
+
+        ``data`` is a buffer or a list of buffers written back to back (the file is
+        their concatenation; nothing is joined in memory on local disk and S3).
+        The SHA-256 is computed while the file is written.  With ``unique=True`` the
+        file is stored as ``<writer token>-<name>`` (the returned name): two writers
+        racing for one checkpoint id then never write the same file, so the one whose
+        commit loses cannot overwrite the data of the one that won.
 
         Returns ``(name, length, sha256_hex)`` for the metadata.  Durable on return: on
         local disk written, flushed and fsynced (the directory entry is fsynced at commit,
@@ -653,12 +755,13 @@ class CheckpointWriter:
         """
         self._require_open("write_file")
         _check_name(name)
+        if unique:
+            name = f"{self._token}-{name}"
         if name in self._names:
             raise ValueError(f"{self.location}: file {name!r} was already written by this checkpoint")
-        view = _as_bytes_view(data)
-        length = view.nbytes
+        payload = _as_payload(data)
+        length = _payload_bytes(payload)
         self._check_size(self.bytes_written + length, "data")
-        digest = sha256_hex(view)
         path = _normjoin(self._store, self._dir, name)
         try:
             parent = os.path.dirname(path) if self._store is _LOCAL else posixpath.dirname(path)
@@ -666,7 +769,7 @@ class CheckpointWriter:
                 self._store.makedirs(parent)
                 self._dirs.add(parent)
             self._names[name] = path  # before writing: abort must clean up a partial file too
-            self._store.write(path, view)
+            digest = _sha256_while(payload, lambda: self._store.write(path, payload))
         except BaseException as e:
             self._failure = f"writing {name!r} failed: {e!r}"
             if isinstance(e, OSError):
@@ -706,8 +809,11 @@ class CheckpointWriter:
         try:
             self._store.publish(self._dir, view)
         except _AlreadyCommitted:
-            # Never clean up here: the files on disk may belong to the committed checkpoint.
-            self._state = "aborted"
+            # Clean up only the files stored under this writer's own token: files written
+            # under plain names may be the committed checkpoint's.
+            self._names = {n: p for n, p in self._names.items() if n.startswith(self._token + "-")}
+            self._dirs = set()
+            self.abort()
             raise CheckpointError(f"{self.location}: a committed checkpoint already exists there; "
                                   f"it was not overwritten") from None
         except BaseException as e:
@@ -844,16 +950,16 @@ class CheckpointStorage:
         Raises CheckpointError on I/O failure.
         """
         _check_name(name)
-        view = _as_bytes_view(data)
+        payload = _as_payload(data)
         location = self.shared_dir(job_id, operator_id)
         store, dirpath = self._resolve(location)
         path = _normjoin(store, dirpath, name)
         try:
             store.makedirs(os.path.dirname(path) if store is _LOCAL else posixpath.dirname(path))
-            store.put_atomic(path, view)
+            digest = _sha256_while(payload, lambda: store.put_atomic(path, payload))
         except OSError as e:
             raise CheckpointError(f"{location}: cannot write shared file {name!r}: {e}") from e
-        return _SHARED_PREFIX + name, view.nbytes, sha256_hex(view)
+        return _SHARED_PREFIX + name, _payload_bytes(payload), digest
 
     def delete_shared(self, job_id, operator_id, relpath):
         """Delete a shared file given as ``"../shared/<name>"`` or ``"<name>"``; missing is fine."""
@@ -999,6 +1105,67 @@ def read_metadata(location):
         raise CorruptCheckpointError(f"{where}: missing: no committed checkpoint at {location}") from None
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read checkpoint metadata: {e}") from e
+
+
+_SPOOL_CHUNK = 8 << 20
+
+
+def read_mapped(location, relpath, *, expected_len, spool_dir=None):
+    """Like :func:`read_file`, but the bytes are not held in process memory.
+
+    Local files are memory-mapped read-only; files of other stores are streamed
+    (in 8 MiB pieces, at most ``expected_len + 1`` bytes) into an unlinked temp
+    file in ``spool_dir`` and mapped, so a restore of state larger than memory
+    reads through the page cache.  JobManager checkpoints are in memory anyway.
+    Returns a buffer (an ``mmap`` or ``bytes``) whose ``len`` is the file's
+    size (capped as read_file caps it); verify it with format.verify_file before
+    use.  Errors as :func:`read_file`.
+    """
+    where = _join(location, relpath) if isinstance(relpath, str) else location
+    _check_relpath(relpath, where)
+    store, dirpath = _resolve(location)
+    path = _normjoin(store, dirpath, relpath)
+    limit = int(expected_len) + 1
+    try:
+        if store is _LOCAL:
+            return _map_local(path)
+        if isinstance(store, _FsspecStore) and not store.memory:
+            return store.spool(path, limit, spool_dir)
+        return store.read(path, limit)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise CorruptCheckpointError(f"{where}: missing checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read checkpoint file: {e}") from e
+
+
+def _map_local(path):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(path)  # a folder, FIFO or device where a data file belongs
+        if st.st_size == 0:
+            return b""  # mmap cannot map an empty file
+        return mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+
+
+def _spool_to_map(src, limit, spool_dir):
+    """Copy at most limit bytes of the file object src to an unlinked temp file; map it."""
+    with tempfile.TemporaryFile(dir=spool_dir, prefix=".statecore-restore-") as tmp:
+        left = limit
+        while left > 0:
+            piece = src.read(min(_SPOOL_CHUNK, left))
+            if not piece:
+                break
+            tmp.write(piece)
+            left -= len(piece)
+        tmp.flush()
+        size = tmp.tell()
+        if size == 0:
+            return b""
+        return mmap.mmap(tmp.fileno(), size, access=mmap.ACCESS_READ)  # the map outlives the file object
 
 
 def read_file(location, relpath, *, expected_len=None):

@@ -2,6 +2,14 @@
 from typing import Any
 
 from statecore._states import StateTable
+from statecore.errors import StateError
+
+RETRY_DELAY: float
+
+class LMDBFlushError(StateError): ...
+class MapGrowError(StateError): ...
+
+def _debug_flush_faults(after: int = ..., count: int = ..., kind: str = ...) -> None: ...
 
 class LMDBStore:
     env: Any
@@ -15,6 +23,10 @@ class LMDBStore:
     cache_misses: int
     map_resizes: int
     flush_expired: int
+    flush_failures: int
+    flush_retries: int
+    env_reopens: int
+    env_failed: bool
     ndeltas: int
     max_write_buffer_number: int
     epoch: int

@@ -31,6 +31,11 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
 * ``MapFullError`` in the flush thread: the transaction is aborted, the flush
   thread asks the caller's thread (at its next operation, or while it stalls)
   to double the map with no transaction open, then retries: users never see it.
+* Other flush failures (a full disk, an I/O error, MDB_PANIC) are not sticky:
+  the buffer is kept with its progress and retried (resuming after its
+  committed transactions); the caller gets one ``LMDBFlushError`` naming the
+  directory and what to do, reads keep working, writes are refused only when
+  the buffers are full.  ``LMDBStore.flush`` documents the rules and limits.
 * Reads: active buffer, immutable buffers newest first, the bounded read
   cache (``cache_entries``: composite key -> LMDB record, invalidated by every
   buffer write of that key), then LMDB through one long-lived read
@@ -88,9 +93,11 @@ from statecore._records cimport as_bytes, buf_init, filter_list_blob, reserve, r
 from statecore._states cimport SnapshotSink, StateTable
 from statecore._status cimport check
 
+import errno
 import hashlib
 import os
 import threading
+import time
 import weakref
 
 import lmdb
@@ -113,10 +120,52 @@ cdef enum:
     MT_PENDING = 0
     MT_FLUSHING = 1
     MT_DONE = 2
+    MT_FAILED = 3            # its flush failed: kept (with its progress) until a retry succeeds
     MINDEX_ENTRY_BYTES = 96  # estimated bookkeeping bytes of one map key in a buffer's prefix index
     CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
 
 cdef uint64_t NO_FLOOR = 0xFFFFFFFFFFFFFFFFULL
+RETRY_DELAY = 0.5  # seconds after a failed flush before an ordinary operation retries it in the background
+
+# Test hook (never set in production): make flush commits fail, see _debug_flush_faults.
+_FAULTS = None
+
+
+def _debug_flush_faults(after=0, count=1, kind="ENOSPC"):
+    """Tests only: the flush commits number ``after`` .. ``after + count - 1`` (0-based, counted from now, in
+    every store of this process) fail.  ``kind``: ``"ENOSPC"`` raises lmdb.DiskError instead of committing (as a
+    full disk does); ``"EIO"`` raises lmdb.Error(EIO) instead of committing; ``"PANIC"`` raises lmdb.PanicError
+    instead of committing and ``"PANIC_COMMITTED"`` commits, then raises lmdb.PanicError (LMDB's meta-page
+    write failing before / after it reached the disk: the environment is reopened and the commit resolved by
+    its transaction id).  ``_debug_flush_faults(count=0)`` clears it."""
+    global _FAULTS
+    if kind not in ("ENOSPC", "EIO", "PANIC", "PANIC_COMMITTED"):
+        raise ValueError(f"unknown fault kind {kind!r}")
+    _FAULTS = [int(after), int(count), kind] if count > 0 else None
+
+
+cdef object debug_fault():
+    """The fault kind for this flush commit, or None (advances the _FAULTS schedule)."""
+    global _FAULTS
+    f = _FAULTS
+    if f is None:
+        return None
+    if f[0] > 0:
+        f[0] -= 1
+        return None
+    f[1] -= 1
+    if f[1] <= 0:
+        _FAULTS = None
+    return f[2]
+
+class LMDBFlushError(StateError):
+    """A flush of the write buffers to LMDB (or a read of the LMDB environment) failed; the message names the
+    directory and what to do.  Not sticky: see ``LMDBStore.flush`` for the retry rules."""
+
+
+class MapGrowError(StateError):
+    """Raised in the flush thread when the caller's thread could not grow the LMDB map."""
+
 
 _STORES = weakref.WeakSet()
 _LEAKED = []  # environments inherited by a forked child: never closed there
@@ -129,6 +178,20 @@ def _after_fork_in_child():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef object read_failed(str path, object e, str what):
+    """The LMDBFlushError for a failed LMDB read transaction begin (``what``: what it was for)."""
+    if isinstance(e, lmdb.ReadersFullError):
+        fix = "too many LMDB read transactions are open: raise max_readers"
+    elif isinstance(e, lmdb.PanicError):
+        fix = ("LMDB marked the environment failed (a meta-page write failed: check the disk); it is reopened by "
+               "the next operations once no checkpoint holds a read transaction, and until then values only "
+               "LMDB holds cannot be read")
+    else:
+        fix = "check the disk holding it"
+    return LMDBFlushError(f"statecore: cannot read the LMDB environment {path!r}{what}: {type(e).__name__}: {e}. "
+                          f"To fix: {fix}.")
 
 
 cdef object lmdb_lookup(object get, const uint8_t *k, size_t kl):
@@ -370,8 +433,14 @@ cdef class Memtable:
     cdef sc_table *t
     cdef dict mindex          # map prefix -> set of full keys with an entry in this buffer
     cdef size_t mbytes        # estimated bytes of mindex
-    cdef int state            # MT_PENDING / MT_FLUSHING / MT_DONE (only for immutable buffers)
+    cdef int state            # MT_PENDING / MT_FLUSHING / MT_DONE / MT_FAILED (only for immutable buffers)
+    cdef bint started         # its flush started (LMDB may hold some of it): seq_lo is set
     cdef uint64_t seq_lo      # the first append-delta sequence number its flush used (set when it starts)
+    cdef sc_entry **arr       # its entries sorted by key (built by the first flush attempt, kept for retries)
+    cdef size_t narr
+    cdef size_t done          # arr[:done] is committed to LMDB (a retry resumes there)
+    cdef int64_t fail_tid     # a commit raised MDB_PANIC: that transaction's id (committed iff it is <= the
+    cdef size_t fail_end      # environment's last txnid after the reopen), and the arr index it ended at
 
     def __cinit__(self):
         self.t = sc_table_new(16, 0)
@@ -380,10 +449,15 @@ cdef class Memtable:
         self.mindex = {}
 
     def __dealloc__(self):
+        free(self.arr)
+        self.arr = NULL
         sc_table_free(self.t)
         self.t = NULL
 
     cdef void release(self) noexcept:
+        free(self.arr)
+        self.arr = NULL
+        self.narr = 0
         sc_table_free(self.t)
         self.t = NULL
         self.mindex = None
@@ -444,6 +518,21 @@ cdef class LMDBStore:
     cdef unsigned long long last_cut_wgen
     cdef long long cut_serial
     cdef readonly long long cut_grow_waits  # map resizes deferred until a checkpoint released its transaction
+    # flush failures (see flush_failed)
+    cdef bint sync
+    cdef int max_readers
+    cdef size_t map_size        # the current map size (a reopen keeps it)
+    cdef object last_error      # the newest flush failure
+    cdef object deferred        # a failure met by a write's own flush (it was applied): raised at the next operation
+    cdef object grow_error      # set_mapsize failed: the flush thread gives up (that flush fails)
+    cdef double retry_at        # monotonic time after which an ordinary operation retries a failed flush
+    cdef bint episode           # a flush failed and none succeeded since: background retries fail silently
+    cdef int waiting            # callers waiting for a flush (stall, flush()): its failure is reported to them
+    cdef long long fexpired     # drop-at-flush list records dropped in the open flush transaction (counted at commit)
+    cdef readonly bint env_failed  # LMDB reported MDB_PANIC: the environment is reopened before the next transaction
+    cdef readonly long long flush_failures
+    cdef readonly long long flush_retries
+    cdef readonly long long env_reopens
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -474,10 +563,16 @@ cdef class LMDBStore:
         self.cuts = []
         self.cv = threading.Condition(threading.Lock())
         self.pid = getpid()
-        self.env = lmdb.open(path, map_size=map_size, subdir=True, sync=sync, metasync=sync, writemap=False,
-                             max_readers=max_readers, max_dbs=0, max_spare_txns=1, lock=True, readahead=False,
-                             meminit=False)
+        self.sync = sync
+        self.max_readers = max_readers
+        self.map_size = map_size
+        self.env = self.open_env()
         _STORES.add(self)
+
+    cdef object open_env(self):
+        return lmdb.open(self.path, map_size=self.map_size, subdir=True, sync=self.sync, metasync=self.sync,
+                         writemap=False, max_readers=self.max_readers, max_dbs=0, max_spare_txns=1, lock=True,
+                         readahead=False, meminit=False)
 
     def __dealloc__(self):
         sc_table_free(self.cache)
@@ -549,7 +644,7 @@ cdef class LMDBStore:
         if self.env is not None:
             self.env.close()
 
-    # -- caller-thread service: retire flushed buffers, grow the map, report flush errors
+    # -- caller-thread service: retire flushed buffers, grow the map, report and retry failed flushes
 
     cdef int service(self) except -1:
         cdef Memtable m
@@ -557,6 +652,7 @@ cdef class LMDBStore:
             self.signal = 0
             grow = self.grow_req
             err = self.error
+            self.error = None
         if grow:
             with self.cv:
                 # a checkpoint cut holds a read transaction: the flush thread waits until it is released
@@ -564,32 +660,156 @@ cdef class LMDBStore:
                 grow = self.ncuts == 0
                 self.cut_grow_waits += not grow
         if grow:
-            self.end_read()  # with the flush thread waiting, no transaction is open in this process
-            self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            self.map_resizes += 1
-            with self.cv:
-                self.grow_req = False
-                self.cv.notify_all()
+            self.grow_map()
         while self.nimm and (<Memtable>self.imm[0]).state == MT_DONE:
             self.end_read()  # the next read sees what the buffer held
             m = self.imm.pop(0)
             self.nimm -= 1
             m.release()
+        if self.has_failed():
+            if err is None and self.deferred is None and time.monotonic() >= self.retry_at:
+                self.retry()
+            else:
+                with self.cv:
+                    self.signal = 1  # look again at the next operation
         if err is not None:
-            raise StateError(f"statecore: flushing a write buffer to LMDB failed: {err!r}") from err
+            self.deferred = None  # older news
+            raise self.flush_failed(err) from err
+        if self.deferred is not None:
+            e = self.deferred
+            self.deferred = None
+            raise e
         return 0
 
-    cdef int wait_until_below(self, Py_ssize_t nmax) except -1:
-        """Block until at most nmax immutable buffers remain (serving grow requests meanwhile)."""
-        while True:
-            self.service()
-            if self.nimm <= nmax:
-                return 0
+    cdef int grow_map(self) except -1:
+        """Double the map: caller's thread, the flush thread waiting in request_grow, no transaction open in this
+        process.  A failure is handed to the flush thread (that flush fails and is retried later)."""
+        cdef size_t size = self.map_size * 2
+        self.end_read()
+        try:
+            self.env.set_mapsize(size)
+        except BaseException as e:
+            # LMDB unmapped the old map before mapping the new one: reopen the environment before any use
+            self.env_failed = True
             with self.cv:
-                if self.worker is None:
-                    self.start_worker()
-                while not self.signal:
-                    self.cv.wait()
+                self.grow_error = MapGrowError(f"growing the LMDB map to {size} bytes failed: {e!r}")
+                self.grow_req = False
+                self.cv.notify_all()
+            return 0
+        self.map_size = size
+        self.map_resizes += 1
+        with self.cv:
+            self.grow_req = False
+            self.cv.notify_all()
+        return 0
+
+    cdef bint has_failed(self) noexcept:
+        """An immutable buffer waits for the retry of its failed flush."""
+        cdef Memtable m
+        for m in self.imm:
+            if m.state == MT_FAILED:
+                return True
+        return False
+
+    cdef bint has_pending(self) noexcept:
+        cdef Memtable m
+        for m in self.imm:
+            if m.state == MT_PENDING:
+                return True
+        return False
+
+    cdef int retry(self) except -1:
+        """Hand the failed buffers back to the flush thread (caller's thread), reopening a failed environment
+        first.  0 when the reopen must wait for a checkpoint cut's read transaction (its release signals)."""
+        cdef Memtable m
+        self.retry_at = time.monotonic() + RETRY_DELAY  # a failing reopen is not retried at every operation
+        if self.env_failed and not self.reopen():
+            return 0
+        with self.cv:
+            for m in self.imm:
+                if m.state == MT_FAILED:
+                    m.state = MT_PENDING
+                    self.flush_retries += 1
+            if self.worker is None and self.has_pending():
+                self.start_worker()
+            self.cv.notify_all()
+        return 1
+
+    cdef bint reopen(self) except -1:
+        """Close and reopen an environment LMDB marked failed (MDB_PANIC: a meta-page write failed, or a map
+        resize failed).  The commit whose meta write raised is resolved by its transaction id: LMDB's meta
+        page is its commit point, so the reopened environment either has that transaction or not.  False
+        (nothing done) while a checkpoint cut holds a read transaction or the flush thread runs."""
+        cdef Memtable m
+        with self.cv:
+            if self.ncuts or self.worker is not None:
+                return False
+        self.end_read()
+        try:
+            self.env.close()
+        except lmdb.Error:
+            pass
+        try:
+            self.env = self.open_env()
+            last = self.env.info()["last_txnid"]
+        except lmdb.Error as e:
+            raise LMDBFlushError(f"statecore: reopening the LMDB environment {self.path!r} after a fatal LMDB "
+                                 f"error failed: {e!r}. Check the disk holding it; the buffered writes stay "
+                                 f"in memory and the reopen is retried by the next operations.") from e
+        for m in self.imm:
+            if m.fail_tid:
+                if last >= m.fail_tid:
+                    m.done = m.fail_end  # that commit reached the disk: resume after it
+                m.fail_tid = 0
+        self.env_failed = False
+        self.env_reopens += 1
+        return True
+
+    cdef object flush_failed(self, err):
+        """The LMDBFlushError reporting flush failure err: names the directory and what to do."""
+        text = str(err)
+        if isinstance(err, MapGrowError):
+            fix = ("the LMDB map could not grow: free disk space and virtual address space, or open the backend "
+                   "with a larger map_size")
+        elif isinstance(err, lmdb.DiskError) or "No space left" in text or \
+                getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            fix = ("the file system holding it is full (or over quota): free disk space there, or move db_path "
+                   "to a larger disk")
+        elif isinstance(err, lmdb.PanicError):
+            fix = ("LMDB could not write its meta page (its commit point; an I/O error?): check the disk; the "
+                   "environment is reopened before the retry")
+        elif isinstance(err, (MemoryError, lmdb.MemoryError)):
+            fix = "out of memory: free memory, or lower memory_budget / write_buffer_size"
+        elif isinstance(err, lmdb.ReadonlyError) or getattr(err, "errno", None) in (errno.EACCES, errno.EROFS):
+            fix = "the directory is not writable: fix its permissions or mount"
+        else:
+            fix = "check the disk holding it (an I/O error?) and that the directory is writable"
+        return LMDBFlushError(
+            f"statecore: flushing a write buffer to LMDB in {self.path!r} failed: {type(err).__name__}: {text}. "
+            f"To fix: {fix}. Nothing is lost: the buffered writes stay in memory (and readable) and the flush is "
+            f"retried by later operations (at once by flush() or when the write buffers are full); until it "
+            f"succeeds, a write that needs room in the full write buffers raises this error and is not applied.")
+
+    cdef int wait_until_below(self, Py_ssize_t nmax) except -1:
+        """Block until at most nmax immutable buffers remain (serving grow requests meanwhile).  A failed flush
+        is retried at once; when it fails again, its LMDBFlushError is raised."""
+        with self.cv:
+            self.waiting += 1
+        try:
+            while True:
+                self.service()
+                if self.nimm <= nmax:
+                    return 0
+                if self.has_failed():
+                    self.retry()  # 0: the reopen waits for a checkpoint cut (its release signals)
+                with self.cv:
+                    if self.worker is None and self.has_pending():
+                        self.start_worker()
+                    while not self.signal:
+                        self.cv.wait()
+        finally:
+            with self.cv:
+                self.waiting -= 1
 
     cdef void start_worker(self):
         # called with self.cv held
@@ -598,39 +818,62 @@ cdef class LMDBStore:
         t.start()
 
     def run_worker(self):
-        """The flush thread: flush pending immutable buffers oldest first; exit when idle."""
+        """The flush thread: flush pending immutable buffers oldest first; exit when idle.  It never flushes a
+        buffer while an older one waits for the retry of its failed flush (the older one would overwrite
+        newer values when retried)."""
         cdef Memtable m
         cdef Py_ssize_t i
+        cdef int st
         while True:
             with self.cv:
                 m = None
                 while True:
-                    if self.closing or self.error is not None:
+                    if self.closing or self.env_failed:
                         self.worker = None
+                        self.signal = 1  # a caller may wait for this thread to end (reopen)
+                        self.cv.notify_all()
                         return
+                    blocked = False
                     for i in range(len(self.imm)):
-                        if (<Memtable>self.imm[i]).state == MT_PENDING:
+                        st = (<Memtable>self.imm[i]).state
+                        if st == MT_PENDING:
                             m = <Memtable>self.imm[i]
+                            break
+                        if st == MT_FAILED:
+                            blocked = True
                             break
                     if m is not None:
                         break
-                    if not self.cv.wait(1.0):
+                    if blocked or not self.cv.wait(1.0):
                         self.worker = None
+                        self.signal = 1
+                        self.cv.notify_all()
                         return
                 m.state = MT_FLUSHING
-                m.seq_lo = self.seq
+                if not m.started:
+                    m.started = True
+                    m.seq_lo = self.seq
             try:
                 self.flush_memtable(m)
             except BaseException as ex:
                 with self.cv:
                     if not self.closing:
-                        self.error = ex
+                        m.state = MT_FAILED
+                        self.flush_failures += 1
+                        self.last_error = ex
+                        self.retry_at = time.monotonic() + RETRY_DELAY
+                        if isinstance(ex, lmdb.PanicError):
+                            self.env_failed = True  # LMDB refuses every new transaction until a reopen
+                        if not self.episode or self.waiting:
+                            self.error = ex  # reported: the first failure, or one a caller waits for
+                        self.episode = True
                     self.signal = 1
                     self.worker = None
                     self.cv.notify_all()
                 return
             with self.cv:
                 m.state = MT_DONE
+                self.episode = False
                 self.flushes += 1
                 self.signal = 1
                 self.cv.notify_all()
@@ -644,13 +887,24 @@ cdef class LMDBStore:
                 self.cv.wait()
             if self.closing:
                 raise StateError("statecore: backend closed during a flush")
+            err = self.grow_error
+            self.grow_error = None
+        if err is not None:
+            raise err
         return 0
 
     # -- LMDB ------------------------------------------------------------
 
     cdef object txn(self):
         if self.rtxn is None:
-            self.rtxn = self.env.begin(buffers=False)
+            if self.env_failed:
+                self.reopen()  # False: it waits (a checkpoint cut); begin then raises PanicError below
+            try:
+                self.rtxn = self.env.begin(buffers=False)
+            except lmdb.Error as e:
+                if isinstance(e, lmdb.PanicError):
+                    self.env_failed = True
+                raise read_failed(self.path, e, "") from e
         return self.rtxn
 
     cdef inline void end_read(self):
@@ -676,10 +930,11 @@ cdef class LMDBStore:
 
     cdef uint64_t delta_floor(self) noexcept:
         """LMDB append-deltas from this sequence number on were written by a buffer that is still buffered
-        (its flush started, it is not retired yet): reads take them from the buffer, not from LMDB."""
+        (its flush started, it is not retired yet; a failed flush waiting for its retry counts as started):
+        reads take them from the buffer, not from LMDB."""
         cdef Memtable m
         for m in self.imm:
-            if m.state != MT_PENDING:
+            if m.started:
                 return m.seq_lo
         return NO_FLOOR
 
@@ -768,7 +1023,31 @@ cdef class LMDBStore:
         return False
 
     def flush(self):
-        """Flush every buffer to LMDB now (waits for the flush thread) and retire them."""
+        """Flush every buffer to LMDB now (waits for the flush thread) and retire them.
+
+        Flush failures (a full disk, an I/O error, a map that cannot grow) are not sticky.  The flush thread
+        aborts the failing LMDB write transaction and keeps the buffer (nothing is dropped) together with how
+        far it got: a retry resumes after the transactions already committed, so no append-delta is written
+        twice.  The failure is raised as ``LMDBFlushError`` (a ``StateError`` naming the directory and what to
+        do) at the caller's next operation, which is then not applied; while the flush keeps failing, reads
+        work (buffers first, then LMDB), and so do writes until the write buffers are full.  A retry starts at
+        once when the caller needs room (a write finds every buffer full, or ``flush()``), raising again if it
+        fails (that write is not applied), and otherwise in the background at an operation at least
+        RETRY_DELAY seconds after the failure (failures of background retries are not raised again; the next
+        one that succeeds ends the episode).  Newer buffers are never flushed before an older failed one.
+
+        When LMDB marks the environment failed (MDB_PANIC: its meta-page write, the commit point, failed, or a
+        map resize failed) every new LMDB transaction is refused, so the environment is closed and reopened
+        before the retry (and before any read that needs LMDB); whether the commit that raised reached the
+        disk is decided by comparing its transaction id with the reopened environment's last one.  The reopen
+        waits while a checkpoint cut holds an LMDB read transaction (until that checkpoint finishes): until
+        then, values that only LMDB holds cannot be read (``LMDBFlushError``) and the retry does not start.
+        The remaining limits: an error that persists (a disk that stays full, corruption LMDB reports on every
+        write) keeps failing every retry; ``touch`` (TTL refresh on read) still copies entries into the full
+        active buffer so that reads keep working; a failed drop-at-flush list filter is recounted in
+        ``flush_expired`` only once (at commit).  Nothing written is lost unless the process exits, and the
+        working directory is scratch in any case (checkpoints are the durable copy).
+        """
         self.guard()
         self.freeze(False)
         self.wait_until_below(0)
@@ -781,6 +1060,11 @@ cdef class LMDBStore:
         if self.max_write_buffer_number > 1 and self.nimm >= self.max_write_buffer_number - 1:
             self.stalls += stall  # all buffers are full: the caller waits (RocksDB's write stall)
             self.wait_until_below(self.max_write_buffer_number - 2)
+        elif self.max_write_buffer_number == 1 and self.nimm:
+            self.stalls += stall  # one buffer: an earlier flush failed and must succeed first
+            self.wait_until_below(0)
+        elif self.has_failed():
+            self.retry()  # more room is needed: retry the failed flush now (this buffer queues behind it)
         old = self.act
         self.act = Memtable()
         self.buf = self.act.t
@@ -799,6 +1083,20 @@ cdef class LMDBStore:
         return 0
 
     cdef inline int maybe_flush(self) except -1:
+        """After a write: freeze the active buffer when it is full.  A flush failure met here is raised at the
+        next operation instead (the write that got here was applied)."""
+        if self.buf.bytes + self.act.mbytes > self.write_buffer_size and self.deferred is None:
+            try:
+                self.freeze(True)
+            except LMDBFlushError as e:
+                self.deferred = e
+                with self.cv:
+                    self.signal = 1
+        return 0
+
+    cdef inline int admit(self) except -1:
+        """Before a write: the active buffer is still full because its flush failed: retry it first, raising
+        (the write is not applied) when it fails again.  Keeps the write buffers bounded."""
         if self.buf.bytes + self.act.mbytes > self.write_buffer_size:
             self.freeze(True)
         return 0
@@ -818,9 +1116,10 @@ cdef class LMDBStore:
             dropped = filter_records(bval(e), bvlen(e), t.drop_ttl, now, &self.fscratch)
             if dropped == 0:
                 return 0
-            self.flush_expired += dropped
             if self.fscratch.len:
+                self.fexpired += dropped  # counted when its transaction commits (a failed one is redone)
                 return 2
+            self.flush_expired += dropped
         elif not sc_ttl_expired(ets(e), t.drop_ttl, now):
             return 0
         else:
@@ -830,20 +1129,26 @@ cdef class LMDBStore:
         return 1
 
     cdef int flush_memtable(self, Memtable m) except -1:
-        """Write m to LMDB (flush thread): sorted, tombstones as deletes, deltas under their own keys."""
-        cdef size_t n = m.t.count, i = 0, pos = 0, start, end
+        """Write m to LMDB (flush thread): sorted, tombstones as deletes, deltas under their own keys.
+
+        Resumable: m.arr (the sorted entries) and m.done (how many are committed) survive a failure, so a
+        retry starts with the first transaction that did not commit (an append-delta is never written twice;
+        a drop-at-flush tombstone flipped in an aborted transaction is simply written as a delete)."""
+        cdef size_t n, i = 0, pos = 0, start, end
         cdef sc_entry *e
         cdef sc_entry **arr
         cdef uint8_t *k
         cdef uint8_t fl
         cdef int kd, dr
+        cdef int64_t tid
         cdef uint8_t seqb[8]
-        if n == 0:
-            return 0
-        arr = <sc_entry **>malloc(n * sizeof(sc_entry *))
-        if arr is NULL:
-            raise MemoryError()
-        try:
+        if m.arr is NULL:
+            n = m.t.count
+            if n == 0:
+                return 0
+            arr = <sc_entry **>malloc(n * sizeof(sc_entry *))
+            if arr is NULL:
+                raise MemoryError()
             while True:
                 e = sc_table_next(m.t, &pos)
                 if e is NULL:
@@ -852,67 +1157,98 @@ cdef class LMDBStore:
                 i += 1
             with nogil:
                 qsort(arr, n, sizeof(sc_entry *), cmp_entry)
-            ttl_tables = self.ttl_tables
-            start = 0
-            while start < n:  # chunks of txn_entries: bounds LMDB's malloc'd dirty pages (no writemap)
-                if self.closing:
-                    raise StateError("statecore: backend closed during a flush")
-                end = min(n, start + self.txn_entries)
-                txn = self.env.begin(write=True)
-                try:
-                    tput = txn.put
-                    tdel = txn.delete
-                    cur = None
-                    for i in range(start, end):
-                        e = arr[i]
-                        k = sc_entry_key(e)
-                        dr = 0
-                        if ttl_tables and e.klen >= 4:
-                            tbl = ttl_tables.get(sc_be16_get(k + 2))
-                            if tbl is not None:
-                                dr = self.drop_expired(m, e, tbl)
-                        fl = eflag(e)
-                        kd = fl & FLAG_KIND
-                        lk = lmdb_key(k, e.klen)
-                        if kd == FLAG_MERGE:
-                            sc_be64_put(seqb, self.seq)
-                            self.seq += 1
-                            self.ndeltas += 1
-                            tput(lk + as_bytes(seqb, 8),
-                                 encode_record(k, e.klen, bval(e), bvlen(e), ets(e), V_DELTA))
-                            continue
-                        if (fl & FLAG_LIST) and self.ndeltas:
-                            if cur is None:
-                                cur = txn.cursor()
-                            # a put or tombstone of a list replaces its append-deltas too
-                            if cur.set_range(lk + b"\x00" * 8):
-                                while True:
-                                    key = cur.key()
-                                    if len(key) != len(lk) + 8 or not key.startswith(lk):
-                                        break
-                                    if not cur.delete():
-                                        break
-                        if kd == FLAG_PUT:
-                            if dr == 2:
-                                tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, ets(e), 0))
-                            else:
-                                tput(lk, encode_record(k, e.klen, bval(e), bvlen(e), ets(e), 0))
+            m.arr = arr
+            m.narr = n
+            m.done = 0
+        arr = m.arr
+        n = m.narr
+        ttl_tables = self.ttl_tables
+        start = m.done
+        while start < n:  # chunks of txn_entries: bounds LMDB's malloc'd dirty pages (no writemap)
+            if self.closing:
+                raise StateError("statecore: backend closed during a flush")
+            end = min(n, start + self.txn_entries)
+            self.fexpired = 0
+            txn = self.env.begin(write=True)
+            try:
+                tput = txn.put
+                tdel = txn.delete
+                cur = None
+                for i in range(start, end):
+                    e = arr[i]
+                    k = sc_entry_key(e)
+                    dr = 0
+                    if ttl_tables and e.klen >= 4:
+                        tbl = ttl_tables.get(sc_be16_get(k + 2))
+                        if tbl is not None:
+                            dr = self.drop_expired(m, e, tbl)
+                    fl = eflag(e)
+                    kd = fl & FLAG_KIND
+                    lk = lmdb_key(k, e.klen)
+                    if kd == FLAG_MERGE:
+                        sc_be64_put(seqb, self.seq)
+                        self.seq += 1
+                        self.ndeltas += 1
+                        tput(lk + as_bytes(seqb, 8),
+                             encode_record(k, e.klen, bval(e), bvlen(e), ets(e), V_DELTA))
+                        continue
+                    if (fl & FLAG_LIST) and self.ndeltas:
+                        if cur is None:
+                            cur = txn.cursor()
+                        # a put or tombstone of a list replaces its append-deltas too
+                        if cur.set_range(lk + b"\x00" * 8):
+                            while True:
+                                key = cur.key()
+                                if len(key) != len(lk) + 8 or not key.startswith(lk):
+                                    break
+                                if not cur.delete():
+                                    break
+                    if kd == FLAG_PUT:
+                        if dr == 2:
+                            tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, ets(e), 0))
                         else:
-                            tdel(lk)
-                    cur = None
+                            tput(lk, encode_record(k, e.klen, bval(e), bvlen(e), ets(e), 0))
+                    else:
+                        tdel(lk)
+                cur = None
+                tid = txn.id()
+                if _FAULTS is not None:
+                    self.inject_fault(txn, m, tid, end)
+                try:
                     txn.commit()
-                    start = end
-                except lmdb.MapFullError:
-                    cur = None
-                    txn.abort()
-                    self.request_grow()  # the caller's thread doubles the map with no transaction open
-                except BaseException:
-                    cur = None
-                    txn.abort()
+                except lmdb.PanicError:
+                    m.fail_tid = tid  # the meta write failed: committed or not, the reopen tells
+                    m.fail_end = end
                     raise
-        finally:
-            free(arr)
+            except lmdb.MapFullError:
+                cur = None
+                txn.abort()
+                self.request_grow()  # the caller's thread doubles the map with no transaction open
+                continue
+            except BaseException:
+                cur = None
+                txn.abort()
+                raise
+            self.flush_expired += self.fexpired
+            start = end
+            m.done = end
         return 0
+
+    cdef int inject_fault(self, object txn, Memtable m, int64_t tid, size_t end) except -1:
+        """Tests only (_debug_flush_faults): fail this commit as a full disk / an I/O error / a panic would."""
+        kind = debug_fault()
+        if kind is None:
+            return 0
+        if kind == "ENOSPC":
+            raise lmdb.DiskError(f"{self.path}: No space left on device (injected)", errno.ENOSPC)
+        if kind == "EIO":
+            raise lmdb.Error(f"{self.path}: Input/output error (injected)", errno.EIO)
+        if kind == "PANIC_COMMITTED":
+            txn.commit()  # the meta page reached the disk, but the commit reports a failure
+        m.fail_tid = tid
+        m.fail_end = end
+        raise lmdb.PanicError(f"{self.path}: MDB_PANIC: Update of meta page failed or environment had fatal "
+                              f"error (injected)", -30795)
 
     cdef int bput(self, const uint8_t *k, size_t kl, uint32_t h, int flag, const uint8_t *v, size_t vl,
                   int64_t ts, size_t pl) except -1:
@@ -986,6 +1322,8 @@ cdef class LMDBStore:
             "buffer_entries": entries,
             "immutable_buffers": self.nimm,
             "flush_expired": self.flush_expired,
+            "flush_failures": self.flush_failures,
+            "flush_retries": self.flush_retries,
         }
 
 
@@ -1041,6 +1379,12 @@ cdef class LMDBStateTable(StateTable):
             if self.drop_ttl:
                 self.s.ttl_tables[self.sid] = self
         return 0
+
+    cdef inline int wenter(self, const uint8_t *k, size_t kl) except -1:
+        """enter() for a write: refused (before anything is applied) while its flush fails and the buffers
+        are full (LMDBStore.admit)."""
+        self.enter(k, kl)
+        return self.s.admit()
 
     cdef int exists(self, const uint8_t *k, size_t kl, uint32_t h) except -1:
         cdef sc_entry *e = self.s.bfind(k, kl, h)
@@ -1191,11 +1535,11 @@ cdef class LMDBStateTable(StateTable):
 
     cdef int put(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
                  int64_t ts) except -1:
-        self.enter(k, kl)
+        self.wenter(k, kl)
         return self.do_put(k, kl, h, v, vl, ts, 0)
 
     cdef int remove(self, const uint8_t *k, size_t kl, uint32_t h) except -1:
-        self.enter(k, kl)
+        self.wenter(k, kl)
         return self.do_remove(k, kl, h, 0)
 
     cdef int touch(self, const uint8_t *k, size_t kl, uint32_t h, int64_t ts) except -1:
@@ -1212,7 +1556,7 @@ cdef class LMDBStateTable(StateTable):
         cdef const uint8_t *k
         if m <= 0:
             return 0
-        self.enter(keys, kl)
+        self.wenter(keys, kl)
         s.wgen += 1
         for j in range(m):
             sc_table_prefetch(s.buf, hs[j])
@@ -1269,7 +1613,7 @@ cdef class LMDBStateTable(StateTable):
         """Merge operator: append in place in the active buffer, else store an append-delta."""
         cdef sc_entry *e
         cdef int kd
-        self.enter(k, kl)
+        self.wenter(k, kl)
         if not self.lbit:
             self.lbit = FLAG_LIST
             self.layout = LAYOUT_LIST
@@ -1306,12 +1650,12 @@ cdef class LMDBStateTable(StateTable):
 
     cdef int mput(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl,
                   const uint8_t *v, size_t vl, int64_t ts) except -1:
-        self.enter(p, pl)
+        self.wenter(p, pl)
         self.mkey(p, pl, uk, ukl)
         return self.do_put(self.kb.data, self.kb.len, sc_table_hash(self.kb.data, self.kb.len), v, vl, ts, pl)
 
     cdef int mremove(self, const uint8_t *p, size_t pl, uint32_t ph, const uint8_t *uk, size_t ukl) except -1:
-        self.enter(p, pl)
+        self.wenter(p, pl)
         self.mkey(p, pl, uk, ukl)
         return self.do_remove(self.kb.data, self.kb.len, sc_table_hash(self.kb.data, self.kb.len), pl)
 
@@ -1360,7 +1704,7 @@ cdef class LMDBStateTable(StateTable):
 
     cdef int mclear(self, const uint8_t *p, size_t pl, uint32_t ph) except -1:
         cdef bytes key
-        self.enter(p, pl)
+        self.wenter(p, pl)
         res = self.live_map(as_bytes(p, pl))
         for key in res:
             self.s.bput(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
@@ -1513,13 +1857,8 @@ cdef class LMDBStateTable(StateTable):
 
     cdef int emit(self, SnapshotSink sink, list out, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl,
                   int64_t ts) except -1:
-        cdef int rc
         if sink is not None:
-            rc = sink.add(k, kl, NULL, 0, v, vl, ts)
-            if rc == -1:
-                raise MemoryError("statecore: out of memory while taking a snapshot")
-            if rc:
-                raise StateError("statecore: malformed entry found while taking a snapshot")
+            sink.check(sink.add(k, kl, NULL, 0, v, vl, ts))
         else:
             out.append((as_bytes(k, kl), as_bytes(v, vl), ts))
         return 0
@@ -1673,7 +2012,15 @@ cdef class LMDBCut:
             self.ntabs += 1
         self.ndeltas = s.ndeltas
         if s.spilled:
-            self.txn = s.env.begin(buffers=False)
+            if s.env_failed:
+                s.reopen()
+            try:
+                self.txn = s.env.begin(buffers=False)
+            except lmdb.Error as e:
+                if isinstance(e, lmdb.PanicError):
+                    s.env_failed = True
+                self.free_tabs()
+                raise read_failed(s.path, e, " for a checkpoint") from e
             self.tget = self.txn.get
             with s.cv:
                 s.ncuts += 1
@@ -1715,8 +2062,9 @@ cdef class LMDBCut:
         if held:
             with s.cv:
                 s.ncuts -= 1
-                if s.grow_req:
-                    s.signal = 1  # the caller's thread resizes the map at its next operation (or stall)
+                if s.grow_req or s.env_failed:
+                    s.signal = 1  # the caller's thread resizes the map / reopens the environment at its next
+                                  # operation (or stall)
                 s.cv.notify_all()
         return 0
 
@@ -1873,12 +2221,7 @@ cdef class LMDBCut:
 
 
 cdef int emit_to(SnapshotSink sink, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts) except -1:
-    cdef int rc = sink.add(k, kl, NULL, 0, v, vl, ts)
-    if rc == -1:
-        raise MemoryError("statecore: out of memory while taking a snapshot")
-    if rc:
-        raise StateError("statecore: malformed entry found while taking a snapshot")
-    return 0
+    return sink.check(sink.add(k, kl, NULL, 0, v, vl, ts))
 
 
 @cython.final

@@ -124,6 +124,7 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
             while os.path.abspath(self._dir) in _HELD:
                 self._dir = os.path.join(self._root, f"{base}.{i}")
                 i += 1
+        self._pid = os.getpid()  # before anything can fail: _release_dir reads it
         self._lock_fd = _acquire(self._dir)
         key = os.path.abspath(self._dir)
         _HELD.add(key)
@@ -139,7 +140,6 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
         except BaseException:
             self._release_dir()
             raise
-        self._pid = os.getpid()
         self.memory_budget = memory_budget
         self.write_buffer_size = write_buffer_size
         self.max_write_buffer_number = max_write_buffer_number
@@ -168,7 +168,11 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
         return LMDBStateTable(self._store, nested, layout, drop_ttl)
 
     def flush(self):
-        """Flush the write buffer to LMDB now."""
+        """Flush the write buffer to LMDB now.
+
+        Raises ``LMDBFlushError`` (a ``StateError`` naming the directory) when LMDB cannot be written (a full
+        disk...).  Not sticky: nothing is dropped, and the next flush (this call again, or a later operation)
+        retries; see ``statecore._lmdb.LMDBStore.flush`` for the rules."""
         self._store.flush()
 
     def metrics(self):

@@ -332,6 +332,8 @@ def _submit(kb, storage, cut, checkpoint_id):
         except CheckpointError as exc:
             # The checkpoint is committed and durable: failing it now would make the caller
             # treat it as lost. The next checkpoint's retention deletes what is left over.
+            # Flink does the same: discarding subsumed checkpoints (CheckpointsCleaner) only
+            # logs failures, it never fails the completed checkpoint.
             _log.warning("checkpoint %s committed, but deleting older checkpoints failed: %s", completed.location, exc)
         return completed
     return chain.executor.submit(work)

@@ -54,6 +54,11 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   a flush writes a delta as its own LMDB record under ``lmdb key | BE64 seq``
   (flag V_DELTA).  Reads concatenate base + LMDB deltas + buffer deltas; a
   list put/clear deletes the deltas.  The stored list is never rewritten by add.
+* ``get_keys`` streams (:class:`LMDBKeyScan`): the state's buffered keys of
+  the namespace (keys only, sorted) merged with an LMDB cursor of its own read
+  transaction, read in chunks; values are never copied.  Map resizes and
+  environment reopens detach live scans (the rest of their keys is spooled to
+  a temporary file), so a scan never blocks the store.
 * A map (state, key, namespace) is one contiguous key range: ``mitems`` merges
   an LMDB cursor range with each buffer's entries of that prefix (indexed per
   prefix while they are in a buffer), newer tiers and tombstones winning.
@@ -95,6 +100,7 @@ from statecore._status cimport check
 
 import errno
 import hashlib
+import io
 import os
 import threading
 import time
@@ -533,6 +539,7 @@ cdef class LMDBStore:
     cdef readonly long long flush_failures
     cdef readonly long long flush_retries
     cdef readonly long long env_reopens
+    cdef list scans             # weak references to get_keys scans holding an LMDB read transaction
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -561,6 +568,7 @@ cdef class LMDBStore:
         self.manual_clock = type(clock) is ManualClock
         self.ttl_tables = {}
         self.cuts = []
+        self.scans = []
         self.cv = threading.Condition(threading.Lock())
         self.pid = getpid()
         self.sync = sync
@@ -628,6 +636,11 @@ cdef class LMDBStore:
             if c is not None:
                 (<LMDBCut>c).kill()
         self.cuts = []
+        for r in self.scans:  # get_keys iterators: end their transactions
+            c = r()
+            if c is not None:
+                (<LMDBKeyScan>c).kill()
+        self.scans = []
         for m in self.imm:
             m.release()
         self.imm = []
@@ -685,6 +698,7 @@ cdef class LMDBStore:
         """Double the map: caller's thread, the flush thread waiting in request_grow, no transaction open in this
         process.  A failure is handed to the flush thread (that flush fails and is retried later)."""
         cdef size_t size = self.map_size * 2
+        self.detach_scans()
         self.end_read()
         try:
             self.env.set_mapsize(size)
@@ -701,6 +715,15 @@ cdef class LMDBStore:
         with self.cv:
             self.grow_req = False
             self.cv.notify_all()
+        return 0
+
+    cdef int detach_scans(self) except -1:
+        """get_keys scans end their read transactions (spooling what they have not yielded yet)."""
+        for r in self.scans:
+            c = r()
+            if c is not None:
+                (<LMDBKeyScan>c).detach()
+        self.scans = []
         return 0
 
     cdef bint has_failed(self) noexcept:
@@ -744,6 +767,7 @@ cdef class LMDBStore:
         with self.cv:
             if self.ncuts or self.worker is not None:
                 return False
+        self.detach_scans()
         self.end_read()
         try:
             self.env.close()
@@ -1715,36 +1739,14 @@ cdef class LMDBStateTable(StateTable):
         return 1 if res else 0
 
     cdef list key_bytes(self, const uint8_t *ns, size_t nsl):
-        cdef size_t pos
-        cdef sc_entry *e
-        cdef sc_kc_parts parts
-        cdef bytes fk
-        cdef Memtable m
+        """Every key of the scan below (the StateTable contract; get_keys streams key_scan instead)."""
+        return list(self.key_scan(as_bytes(ns, nsl)))
+
+    def key_scan(self, bytes ns):
+        """An iterator over the serialized keys with an entry in this state under namespace ``ns`` (serialized),
+        as of now: see LMDBKeyScan."""
         self.s.guard()
-        if self.sid < 0:
-            return []
-        live = set()
-        for lkey, raw in self.s.sid_scan(self.sidb, None, -1):
-            live.add(record_full_key(lkey, raw) if (<bytes>raw)[0] & (V_HASHED | V_DELTA) else lkey)
-        for m in self.tiers():
-            pos = 0
-            while True:
-                e = sc_table_next(m.t, &pos)
-                if e is NULL:
-                    break
-                if e.klen >= 4 and sc_be16_get(sc_entry_key(e) + 2) == self.sid:
-                    fk = as_bytes(sc_entry_key(e), e.klen)
-                    if kind(e) != FLAG_TOMB:
-                        live.add(fk)
-                    else:
-                        live.discard(fk)
-        want = as_bytes(ns, nsl)
-        out = {}
-        for fk in sorted(live):
-            check(sc_kc_parse(<const uint8_t *>PyBytes_AS_STRING(fk), PyBytes_GET_SIZE(fk), &parts))
-            if parts.nslen == nsl and as_bytes(parts.ns, parts.nslen) == want:
-                out[as_bytes(parts.key, parts.klen)] = None
-        return list(out)
+        return LMDBKeyScan(self.s, self.sid, self.sidb, ns)
 
     cdef size_t count(self):
         return <size_t>self.n if self.n > 0 else 0
@@ -1958,6 +1960,416 @@ cdef class LMDBStateTable(StateTable):
                         map_prefix_len(kp, PyBytes_GET_SIZE(k)) if self.layout == LAYOUT_MAP else 0)
             self.s.maybe_flush()
         return 0
+
+
+# ---------------------------------------------------------------- streamed get_keys
+
+cdef enum:
+    SCAN_CHUNK = 256     # LMDB records a key scan reads per cursor pass
+
+
+cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline void rec_lk(const uint8_t *r, const uint8_t **p, size_t *n) noexcept nogil:
+    """The LMDB key of a key-scan buffer record: u8 live | u32 fkl | u32 lkl (0: the full key) | fk | [lk]."""
+    cdef uint32_t fkl = ld32(r + 1)
+    cdef uint32_t lkl = ld32(r + 5)
+    if lkl == 0:
+        p[0] = r + 9
+        n[0] = fkl
+    else:
+        p[0] = r + 9 + fkl
+        n[0] = lkl
+
+
+cdef inline int cmp_mem(const uint8_t *a, size_t al, const uint8_t *b, size_t bl) noexcept nogil:
+    cdef size_t m = al if al < bl else bl
+    cdef int r = memcmp(a, b, m)
+    if r:
+        return r
+    return (al > bl) - (al < bl)
+
+
+cdef int cmp_rec(const void *a, const void *b) noexcept nogil:
+    cdef const uint8_t *ka
+    cdef const uint8_t *kb
+    cdef size_t kal, kbl
+    rec_lk((<const uint8_t **>a)[0], &ka, &kal)
+    rec_lk((<const uint8_t **>b)[0], &kb, &kbl)
+    return cmp_mem(ka, kal, kb, kbl)
+
+
+@cython.final
+cdef class LMDBKeyScan:
+    """``get_keys`` on the LMDB tier, streamed: the keys of one state under one namespace, as of its creation.
+
+    The cut is small: the state's buffered entries of that namespace (newest version per key, tombstones
+    included), keys only, copied into one C buffer and sorted by LMDB key (bounded by the write buffers), plus
+    an LMDB read transaction of its own (MVCC keeps its view fixed whatever is flushed later).  Iteration
+    merges the two in LMDB-key order, reading LMDB with a cursor SCAN_CHUNK records at a time (values are
+    not copied: the transaction yields buffers and only the flag byte, or the full key of a hashed record,
+    is read), the buffer version winning; a list's append-delta records fold into their base.  A key is
+    yielded once: map entries of one (key, namespace) are adjacent in LMDB order, except under prefixes of
+    400+ bytes, which are deduplicated within their (contiguous) group of LMDB keys sharing 400 bytes.
+
+    Its read transaction never blocks the store: a map resize, an environment reopen (LMDBStore.detach_scans)
+    first writes the keys this scan has not yielded yet to an unlinked temporary file in the working
+    directory (in memory if that fails) and ends the transaction; ``close`` ends it (the scan then raises
+    BackendClosedError).  Not thread-safe (one keyed backend, one thread).
+    """
+    cdef LMDBStore s
+    cdef bytes sidb
+    cdef bytes ns
+    cdef object txn             # own read transaction (buffers=True); None: LMDB empty at creation, or detached
+    cdef object cur
+    cdef bint lmdb_done
+    cdef bint seek
+    cdef bytes target           # next cursor position when seek
+    cdef list lq                # LMDB look-ahead: [(LMDB key (a delta's: its base's), full composite key)]
+    cdef Py_ssize_t lpos
+    cdef bytes last_lk
+    cdef sc_buf bb              # buffer records (see rec_lk)
+    cdef const uint8_t **brec   # sorted by LMDB key
+    cdef size_t bn, bi
+    cdef bytes last_prefix      # output dedup
+    cdef bytes group_head
+    cdef set seen_long
+    cdef object spool           # detached: a file of u32 length + key records still to yield
+    cdef list spooled           # detached, the file failed: the keys still to yield (from spos)
+    cdef Py_ssize_t spos
+    cdef bint killed
+    cdef bint finished
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        buf_init(&self.bb)
+
+    def __init__(self, LMDBStore s, int sid, bytes sidb, bytes ns):
+        self.s = s
+        self.ns = ns
+        self.sidb = sidb
+        self.lq = []
+        if sid < 0:
+            self.finished = True  # no entry was ever written
+            return
+        self.snapshot_buffers(sid)
+        if s.spilled:
+            if s.env_failed:
+                s.reopen()
+            try:
+                self.txn = s.env.begin(buffers=True)
+            except lmdb.Error as e:
+                if isinstance(e, lmdb.PanicError):
+                    s.env_failed = True
+                raise read_failed(s.path, e, " for get_keys") from e
+            self.cur = self.txn.cursor()
+            self.seek = True
+            self.target = b"\x00\x00" + sidb
+            s.scans = [r for r in s.scans if r() is not None]
+            s.scans.append(weakref.ref(self))
+        else:
+            self.lmdb_done = True
+
+    def __dealloc__(self):
+        self.end_txn()
+        if self.spool is not None:
+            try:
+                self.spool.close()
+            except BaseException:
+                pass
+            self.spool = None
+        free(self.brec)
+        self.brec = NULL
+        sc_buf_free(&self.bb)
+
+    cdef void end_txn(self) noexcept:
+        self.cur = None
+        if self.txn is not None:
+            try:
+                self.txn.abort()
+            except BaseException:
+                pass
+            self.txn = None
+        self.lmdb_done = True
+
+    cdef int snapshot_buffers(self, int sid) except -1:
+        cdef LMDBStore s = self.s
+        cdef Memtable m
+        cdef size_t pos, off, n = 0
+        cdef sc_entry *e
+        cdef sc_kc_parts parts
+        cdef const uint8_t *k
+        cdef const uint8_t *nsp = <const uint8_t *>PyBytes_AS_STRING(self.ns)
+        cdef size_t nsl = <size_t>PyBytes_GET_SIZE(self.ns)
+        cdef uint32_t fkl, lkl
+        cdef uint8_t *w
+        cdef bytes lk
+        for m in s.imm + [s.act]:
+            if m.t is NULL:
+                continue
+            pos = 0
+            while True:
+                e = sc_table_next(m.t, &pos)
+                if e is NULL:
+                    break
+                k = sc_entry_key(e)
+                if e.klen < 4 or sc_be16_get(k + 2) != sid or s.bfind(k, e.klen, e.hash) != e:
+                    continue  # another state, or not the newest version of its key
+                check(sc_kc_parse(k, e.klen, &parts))
+                if parts.nslen != nsl or (nsl and memcmp(parts.ns, nsp, nsl) != 0):
+                    continue
+                fkl = <uint32_t>e.klen
+                lkl = 0
+                lk = None
+                if e.klen > MAX_DIRECT_KEY:
+                    lk = lmdb_key(k, e.klen)
+                    lkl = <uint32_t>PyBytes_GET_SIZE(lk)
+                reserve(&self.bb, 9 + fkl + lkl)
+                w = self.bb.data + self.bb.len
+                w[0] = kind(e) != FLAG_TOMB
+                memcpy(w + 1, &fkl, 4)
+                memcpy(w + 5, &lkl, 4)
+                memcpy(w + 9, k, fkl)
+                if lkl:
+                    memcpy(w + 9 + fkl, PyBytes_AS_STRING(lk), lkl)
+                self.bb.len += 9 + fkl + lkl
+                n += 1
+        if n == 0:
+            return 0
+        self.brec = <const uint8_t **>malloc(n * sizeof(uint8_t *))
+        if self.brec is NULL:
+            raise MemoryError()
+        off = 0
+        for pos in range(n):
+            self.brec[pos] = self.bb.data + off
+            off += 9 + ld32(self.bb.data + off + 1) + ld32(self.bb.data + off + 5)
+        with nogil:
+            qsort(self.brec, n, sizeof(uint8_t *), cmp_rec)
+        self.bn = n
+        return 0
+
+    cdef int refill(self) except -1:
+        """Read up to SCAN_CHUNK of this state's LMDB records (of the namespace) into lq."""
+        cdef const uint8_t *nsp = <const uint8_t *>PyBytes_AS_STRING(self.ns)
+        cdef size_t nsl = <size_t>PyBytes_GET_SIZE(self.ns)
+        cdef bytes sidb = self.sidb
+        self.lq = []
+        self.lpos = 0
+        try:
+            self.read_chunk(nsp, nsl, sidb)
+        except lmdb.Error as e:
+            raise read_failed(self.s.path, e, " for get_keys") from e
+        return 0
+
+    cdef int read_chunk(self, const uint8_t *nsp, size_t nsl, bytes sidb) except -1:
+        cdef long kgi
+        cdef sc_kc_parts parts
+        cdef bytes lkey, mapped, fk
+        cdef int flags
+        cur = self.cur
+        while len(self.lq) < SCAN_CHUNK and not self.lmdb_done:
+            if self.seek:
+                self.seek = False
+                if not cur.set_range(self.target):
+                    self.end_txn()
+                    break
+            elif not cur.next():
+                self.end_txn()
+                break
+            lkey = bytes(cur.key())
+            if lkey[2:4] != sidb:  # another state: jump to this one's range in the next key group
+                if lkey[2:4] < sidb:
+                    self.target = lkey[:2] + sidb
+                else:
+                    kgi = int.from_bytes(lkey[:2], "big") + 1
+                    if kgi > 0xFFFF:
+                        self.end_txn()
+                        break
+                    self.target = kgi.to_bytes(2, "big") + sidb
+                self.seek = True
+                continue
+            val = cur.value()
+            flags = val[0]
+            if flags & (V_HASHED | V_DELTA):
+                mapped = lkey[:len(lkey) - 8] if flags & V_DELTA else lkey
+                if mapped == self.last_lk:
+                    continue  # an append-delta of the list just read
+                fk = record_full_key(lkey, bytes(val)) if flags & V_HASHED else mapped
+            else:
+                mapped = fk = lkey
+            val = None
+            self.last_lk = mapped
+            check(sc_kc_parse(<const uint8_t *>PyBytes_AS_STRING(fk), PyBytes_GET_SIZE(fk), &parts))
+            if parts.nslen == nsl and (nsl == 0 or memcmp(parts.ns, nsp, nsl) == 0):
+                self.lq.append((mapped, fk))
+        return 0
+
+    cdef object next_key(self):
+        """The next serialized key of the merge, or None at the end."""
+        cdef const uint8_t *r
+        cdef const uint8_t *blk
+        cdef size_t blkl
+        cdef int c
+        cdef bytes lk, fk
+        while True:
+            if self.lpos >= len(self.lq) and not self.lmdb_done:
+                self.refill()
+            lhead = self.lq[self.lpos] if self.lpos < len(self.lq) else None
+            r = self.brec[self.bi] if self.bi < self.bn else NULL
+            if lhead is None and r is NULL:
+                return None
+            if r is not NULL:
+                rec_lk(r, &blk, &blkl)
+                if lhead is None:
+                    c = -1
+                else:
+                    lk = lhead[0]
+                    c = cmp_mem(blk, blkl, <const uint8_t *>PyBytes_AS_STRING(lk), PyBytes_GET_SIZE(lk))
+            else:
+                c = 1
+            if c <= 0:  # the buffered version (it wins over LMDB's)
+                self.bi += 1
+                if c == 0:
+                    self.lpos += 1
+                if not r[0]:
+                    continue  # a tombstone
+                fk = as_bytes(r + 9, ld32(r + 1))
+                lk = fk if blkl == <size_t>PyBytes_GET_SIZE(fk) else as_bytes(blk, blkl)
+            else:
+                self.lpos += 1
+                lk, fk = lhead
+            key = self.emit(lk, fk)
+            if key is not None:
+                return key
+
+    cdef object emit(self, bytes lk, bytes fk):
+        """fk's serialized key unless already yielded (see the class docstring), else None."""
+        cdef sc_kc_parts parts
+        cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(fk)
+        check(sc_kc_parse(p, PyBytes_GET_SIZE(fk), &parts))
+        prefix = fk[:<Py_ssize_t>(parts.user_key - p)]
+        if prefix == self.last_prefix:
+            return None
+        self.last_prefix = prefix
+        if PyBytes_GET_SIZE(prefix) >= HASHED_HEAD:
+            head = lk[:HASHED_HEAD]
+            if head != self.group_head:
+                self.group_head = head
+                self.seen_long = set()
+            if prefix in self.seen_long:
+                return None
+            self.seen_long.add(prefix)
+        return as_bytes(parts.key, parts.klen)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        s = self.s
+        if self.killed or s.closed or s.is_forked:
+            s.guard()
+            from statecore.errors import BackendClosedError
+            raise BackendClosedError("the keyed state backend was closed during get_keys")
+        if self.spool is not None or self.spooled is not None:
+            return self.unspool()
+        if not self.finished:
+            key = self.next_key()
+            if key is not None:
+                return key
+            self.finish()
+        raise StopIteration
+
+    cdef void finish(self) noexcept:
+        self.finished = True
+        self.end_txn()
+        free(self.brec)
+        self.brec = NULL
+        self.bn = self.bi = 0
+        sc_buf_free(&self.bb)
+        buf_init(&self.bb)
+        self.lq = []
+        self.seen_long = None
+
+    cdef int detach(self) except -1:
+        """End the read transaction (a map resize or reopen needs it): the keys not yielded yet go to a spool
+        file in the working directory (in memory if the file fails)."""
+        import tempfile
+        if self.txn is None or self.finished:
+            return 0
+        try:
+            f = tempfile.TemporaryFile(dir=os.path.dirname(self.s.path), prefix="keyscan-", buffering=0)
+        except OSError:
+            f = None
+        good = 0
+        pending = []
+        while True:
+            key = self.next_key()
+            if key is not None:
+                pending.append(key)
+            if pending and (key is None or len(pending) >= 1024) and f is not None:
+                blob = b"".join(len(k).to_bytes(4, "little") + k for k in pending)
+                try:
+                    mv = memoryview(blob)
+                    while mv:
+                        mv = mv[f.write(mv):]
+                    good += len(blob)
+                    pending = []
+                except OSError:  # the disk is full: keep the rest in memory (keys only)
+                    f.seek(0)
+                    done = f.read(good)
+                    f.close()
+                    f = None
+                    pending = unspool_blob(done) + pending
+            if key is None:
+                break
+        self.finish()
+        if f is not None:
+            f.seek(0)
+            self.spool = io.BufferedReader(f)
+        else:
+            self.spooled = pending
+            self.spos = 0
+        return 0
+
+    cdef object unspool(self):
+        if self.spooled is not None:
+            if self.spos < len(self.spooled):
+                self.spos += 1
+                return self.spooled[self.spos - 1]
+            self.spooled = None
+            raise StopIteration
+        n = self.spool.read(4)
+        if len(n) == 4:
+            return self.spool.read(int.from_bytes(n, "little"))
+        self.spool.close()
+        self.spool = None
+        raise StopIteration
+
+    cdef void kill(self) noexcept:
+        """LMDBStore.close(): end the transaction; the scan raises BackendClosedError."""
+        self.killed = True
+        self.finish()
+        if self.spool is not None:
+            try:
+                self.spool.close()
+            except BaseException:
+                pass
+            self.spool = None
+        self.spooled = None
+
+
+cdef list unspool_blob(bytes blob):
+    out = []
+    cdef Py_ssize_t i = 0, n
+    while i + 4 <= len(blob):
+        n = int.from_bytes(blob[i:i + 4], "little")
+        out.append(blob[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
 
 
 # ---------------------------------------------------------------- asynchronous checkpoints

@@ -27,8 +27,10 @@ from statecore._states import KeyedStateBackend
 from statecore.backends.base import StateBackend
 from statecore.checkpoint.storage import FileSystemCheckpointStorage
 from statecore.errors import StateError
+from statecore.serializers import Auto
 
 MIB = 1 << 20
+_NAMESPACES = Auto()  # the namespace serializer of every keyed backend (KeyedStateBackend.ns_serializer)
 MARKER = "STATECORE_LMDB"
 _LAYOUTS = {"value": 0, "reducing": 0, "aggregating": 0, "list": 1, "map": 2}
 LOCK = "LOCK"
@@ -166,6 +168,21 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
             if cfg is not None and cfg.is_cleanup_in_background:
                 drop_ttl = cfg.ttl_ms  # flushes drop expired entries (Flink's compaction filter)
         return LMDBStateTable(self._store, nested, layout, drop_ttl)
+
+    def get_keys(self, state_name, namespace=None):
+        """Iterator over the keys with an entry in ``state_name`` under ``namespace`` (as of this call).
+
+        Streamed with bounded memory: the state's buffered keys of that namespace are copied and sorted (keys
+        only) and merged with an LMDB cursor of its own read transaction, read in chunks; values are never
+        read (statecore/_lmdb.pyx LMDBKeyScan).  Writing while iterating is fine: the keys stay those of the
+        call.  As in Flink, keys whose entries have expired but are not cleaned up yet may appear."""
+        for meta, _layout, table in self._snapshot_tables():  # registered and restored-unclaimed states
+            if meta["name"] == state_name:
+                if not isinstance(table, LMDBStateTable):
+                    break
+                scan = table.key_scan(_NAMESPACES.serialize_key(namespace))
+                return map(self.key_serializer.deserialize, scan)
+        return super().get_keys(state_name, namespace)  # the usual errors (closed, unknown state)
 
     def flush(self):
         """Flush the write buffer to LMDB now.

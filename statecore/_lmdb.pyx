@@ -133,6 +133,12 @@ cdef enum:
 cdef uint64_t NO_FLOOR = 0xFFFFFFFFFFFFFFFFULL
 RETRY_DELAY = 0.5  # seconds after a failed flush before an ordinary operation retries it in the background
 
+# Negative control for the model-based tests (RELIABILITY.md: every harness ships one): with
+# STATECORE_DEBUG_DROP_FLUSH_TOMBSTONES=1 in the environment at import time, a flush skips the LMDB delete of
+# a tombstone (a removed value, list or map entry comes back once its buffer is retired).  Never set it
+# outside tests/test_model_checkpoint_stateful.py's negative control.
+cdef bint _DEBUG_DROP_FLUSH_TOMBSTONES = os.environ.get("STATECORE_DEBUG_DROP_FLUSH_TOMBSTONES") == "1"
+
 # Test hook (never set in production): make flush commits fail, see _debug_flush_faults.
 _FAULTS = None
 
@@ -1232,7 +1238,7 @@ cdef class LMDBStore:
                             tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, ets(e), 0))
                         else:
                             tput(lk, encode_record(k, e.klen, bval(e), bvlen(e), ets(e), 0))
-                    else:
+                    elif not _DEBUG_DROP_FLUSH_TOMBSTONES:
                         tdel(lk)
                 cur = None
                 tid = txn.id()

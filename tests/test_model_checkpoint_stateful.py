@@ -28,10 +28,16 @@ spills constantly and restores from delta chains.  Checkpoints go to a file stor
 (``num_retained=2``), savepoints to plain directories.
 
 CI: ``max_examples=60, stateful_step_count=50`` per backend; ``STATECORE_SOAK=1``: 1,000 x 100.
+
+Negative control: with ``STATECORE_DEBUG_DROP_FLUSH_TOMBSTONES=1`` (statecore/_lmdb.pyx: a flush skips the
+LMDB delete of a tombstone) the LMDB machine, run in a child on deterministic examples without shrinking,
+must report a divergence; the same examples without the switch must not (slow).
 """
 import copy
 import itertools
 import os
+
+import pytest
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -291,3 +297,69 @@ for _name in sorted(BACKENDS):
     globals()[_machine.__name__] = _machine
     globals()[f"Test{_name.capitalize()}CheckpointModel"] = _machine.TestCase
 del _name, _machine
+
+
+# -- negative control (RELIABILITY.md: every harness ships one) ---------------------------------------------------
+# STATECORE_DEBUG_DROP_FLUSH_TOMBSTONES=1 plants a realistic LMDB-tier bug (statecore/_lmdb.pyx: a flush skips
+# the LMDB delete of a tombstone, so removed values, list and map entries come back once their buffer is retired).
+# The LMDB machine above, run in a child with the switch on, must report a divergence from the model.
+
+NEGATIVE_EXAMPLES = 60   # the CI budget of the machine above
+NEGATIVE_STEPS = 50
+
+
+def negative_control_child():
+    """Run the LMDB checkpoint machine once (deterministic examples, no shrinking: the first divergence is the
+    report).  Prints ``DIVERGENCE <type>: <message>`` and exits 1, or prints ``NO DIVERGENCE`` and exits 0."""
+    import sys
+    import time
+
+    from hypothesis import HealthCheck, Phase
+    from hypothesis.stateful import run_state_machine_as_test
+
+    planted = os.environ.get("STATECORE_DEBUG_DROP_FLUSH_TOMBSTONES") == "1"
+    t0 = time.monotonic()
+    try:
+        run_state_machine_as_test(make_checkpoint_machine("lmdb"), settings=settings(
+            max_examples=NEGATIVE_EXAMPLES, stateful_step_count=NEGATIVE_STEPS, deadline=None, database=None,
+            derandomize=True, phases=(Phase.generate,), suppress_health_check=list(HealthCheck)))
+    except Exception as e:  # noqa: BLE001 - any divergence the harness reports
+        print(f"DIVERGENCE {type(e).__name__}: {str(e)[:600]} (planted={planted}, "
+              f"{time.monotonic() - t0:.1f} s)", flush=True)
+        sys.exit(1)
+    print(f"NO DIVERGENCE (planted={planted}, {time.monotonic() - t0:.1f} s)", flush=True)
+    sys.exit(0)
+
+
+def _run_negative_control_child(tmp_path, planted):
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "STATECORE_DEBUG_DROP_FLUSH_TOMBSTONES"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if planted:
+        env["STATECORE_DEBUG_DROP_FLUSH_TOMBSTONES"] = "1"
+    return subprocess.run([sys.executable, os.path.abspath(__file__), "negative-control"], capture_output=True,
+                          text=True, timeout=100, env=env, cwd=str(tmp_path))
+
+
+def test_negative_control_dropped_flush_tombstones_are_caught(tmp_path):
+    proc = _run_negative_control_child(tmp_path, planted=True)
+    print(f"\nnegative control (flush drops tombstones): {proc.stdout.strip()[-700:]}")
+    assert proc.returncode == 1 and "DIVERGENCE AssertionError" in proc.stdout, \
+        f"the planted bug went unnoticed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "planted=True" in proc.stdout
+
+
+@pytest.mark.slow
+def test_negative_control_examples_pass_without_the_switch(tmp_path):
+    """The same deterministic examples without the planted bug: no divergence (so the one above is the bug's)."""
+    proc = _run_negative_control_child(tmp_path, planted=False)
+    print(f"\nsame run without the switch: {proc.stdout.strip()[-700:]}")
+    assert proc.returncode == 0 and "NO DIVERGENCE (planted=False" in proc.stdout, \
+        f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["negative-control"]:
+        negative_control_child()

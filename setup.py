@@ -49,7 +49,7 @@ def ext(name):
 
 
 extensions = cythonize(
-    [ext("_codec"), ext("_core"), ext("_sink"), ext("_states"), ext("_lmdb")],
+    [ext("_codec"), ext("_core"), ext("_sink"), ext("_tables"), ext("_states"), ext("_lmdb")],
     compiler_directives={"language_level": 3, "embedsignature": True, "binding": True},
     include_path=["."],
 )

@@ -10,9 +10,8 @@ from statecore._codec import Serializer
 from statecore.descriptors import StateDescriptor
 from statecore.keygroups import KeyGroupRange
 
-class StateTable: ...
-class HeapStateTable(StateTable):
-    def __init__(self, nested: bool) -> None: ...
+from statecore._tables import HeapStateTable as HeapStateTable
+from statecore._tables import StateTable as StateTable
 
 class KeyedStateBackend:
     max_parallelism: int
@@ -89,9 +88,6 @@ class AggregatingState(State):
 
 from statecore._sink import SnapshotSink
 
-PARALLEL_SNAPSHOT_ENTRIES: int
-
-def snapshot_table(table: StateTable, sink: SnapshotSink, second: SnapshotSink | None = ...) -> int: ...
-def consistent_copy(table: StateTable) -> StateTable: ...
+def snapshot_delta(prefixes: list[bytes], tables: dict[int, tuple[StateTable, int]], sink: SnapshotSink) -> int: ...
 def load_section(kb: KeyedStateBackend, data: bytes | memoryview | mmap, off: int, length: int, kg: int,
                  sidmap: dict[int, tuple[int, StateTable, int]], where: str) -> int: ...

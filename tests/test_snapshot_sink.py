@@ -12,7 +12,7 @@ import pytest
 
 import statecore as sc
 from statecore._sink import DATA_MAGIC, SnapshotSink, file_chunks
-from statecore._states import PARALLEL_SNAPSHOT_ENTRIES
+from statecore._tables import PARALLEL_SNAPSHOT_ENTRIES
 from statecore.checkpoint import snapshot
 
 from test_checkpoint import dump, populate

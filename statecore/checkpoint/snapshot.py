@@ -25,8 +25,8 @@ import re
 import uuid
 
 from statecore._sink import DATA_MAGIC, SnapshotSink, file_chunks
-from statecore._states import (consistent_copy, load_section, snapshot_delta, snapshot_table, table_entries,
-                               reserve_entries)
+from statecore._states import load_section, snapshot_delta
+from statecore._tables import consistent_copy, reserve_entries, snapshot_table, table_entries
 from statecore.checkpoint import format as fmt
 from statecore.checkpoint import storage as stg
 from statecore.errors import CheckpointError, CorruptCheckpointError, StateMigrationError

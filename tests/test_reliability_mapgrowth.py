@@ -20,9 +20,10 @@ An LMDB tier starts with ``map_size=1 MiB`` and is grown by writing state (value
   batch (~1 MiB) can cause two resizes of a small map (the flush thread flushes it
   asynchronously; a loaded machine delays the writer), so each checkpoint is taken
   at the first sample AT OR PAST its resize count, never only at an exact count
-  (an exact match used to skip a checkpoint under load: only 2 were taken).  Every checkpoint is restored (into a fresh LMDB tier that
-  itself starts at 1 MiB and grows during the restore) and must equal the model
-  copied when its ``checkpoint_async`` returned.
+  (an exact match used to skip a checkpoint under load: only 2 were taken).
+  Every checkpoint is restored (into a fresh LMDB tier that itself starts at
+  1 MiB and grows during the restore) and must equal the model copied when its
+  ``checkpoint_async`` returned.
 * At the end a full scan (``get_keys`` + ``value_batch``) must equal the model, and
   no ``lmdb.Error``/``MapFullError`` (nor anything else) may have reached a caller.
 

@@ -223,7 +223,7 @@ class OperatorStateBackend:
         storage = self._state_backend.checkpoint_storage
         writer = storage.create_writer("operator-state", "op", checkpoint_id, self._instance)
         with writer:
-            name, length, sha = writer.write_file("operator.sckd", bytes(data))
+            name, length, sha = writer.write_file("operator.sckd", data, unique=True)
             body = {"format": "native", "kind": "operator", "checkpoint_id": checkpoint_id,
                     "key_group_range": [0, 0], "max_parallelism": 1, "incremental": False, "states": states,
                     "files": [{"path": name, "length": length, "sha256": sha, "key_groups": []}]}

@@ -1072,11 +1072,13 @@ cdef class LMDBStore:
         disk is decided by comparing its transaction id with the reopened environment's last one.  The reopen
         waits while a checkpoint cut holds an LMDB read transaction (until that checkpoint finishes): until
         then, values that only LMDB holds cannot be read (``LMDBFlushError``) and the retry does not start.
-        The remaining limits: an error that persists (a disk that stays full, corruption LMDB reports on every
-        write) keeps failing every retry; ``touch`` (TTL refresh on read) still copies entries into the full
-        active buffer so that reads keep working; a failed drop-at-flush list filter is recounted in
-        ``flush_expired`` only once (at commit).  Nothing written is lost unless the process exits, and the
-        working directory is scratch in any case (checkpoints are the durable copy).
+        What stays failed: an error that persists (a disk that stays full, corruption LMDB reports on every
+        write) fails every retry, and a reopen that fails (the directory is gone) is retried, not worked
+        around.  ``touch`` (the TTL refresh of a read) still copies entries into a full active buffer, so
+        reads keep working but are not bounded by the buffer size while a flush fails.  A redone transaction does
+        not count its drop-at-flush expirations (``flush_expired``) twice.
+        Nothing written is lost unless the process exits, and the working directory is scratch in any case
+        (checkpoints are the durable copy).
         """
         self.guard()
         self.freeze(False)

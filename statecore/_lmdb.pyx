@@ -129,6 +129,7 @@ cdef enum:
     MT_FAILED = 3            # its flush failed: kept (with its progress) until a retry succeeds
     MINDEX_ENTRY_BYTES = 96  # estimated bookkeeping bytes of one map key in a buffer's prefix index
     CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
+    SORT_RUN = 8192          # a flush sorts its buffer in runs of this many entries (then merges them)
 
 cdef uint64_t NO_FLOOR = 0xFFFFFFFFFFFFFFFFULL
 RETRY_DELAY = 0.5  # seconds after a failed flush before an ordinary operation retries it in the background
@@ -290,6 +291,68 @@ cdef int cmp_entry(const void *a, const void *b) noexcept nogil:
     return (ea.klen > eb.klen) - (ea.klen < eb.klen)
 
 
+cdef int sort_entries(sc_entry **arr, size_t n, const volatile int *stop) noexcept nogil:
+    """Sort arr by key (cmp_entry): qsort of SORT_RUN-entry runs, then bottom-up merge passes, checking *stop
+    between runs / merges (close() must not wait for the whole sort of a large buffer that will never be
+    written).  0 when sorted; 1 when stopped (arr left in some order)."""
+    cdef size_t i, lo, mid, hi, a, b, o, width
+    cdef sc_entry **src = arr
+    cdef sc_entry **dst
+    cdef sc_entry **t
+    cdef sc_entry **tmp
+    if n <= SORT_RUN:
+        qsort(arr, n, sizeof(sc_entry *), cmp_entry)
+        return 0
+    tmp = <sc_entry **>malloc(n * sizeof(sc_entry *))
+    dst = tmp
+    if tmp is NULL:
+        qsort(arr, n, sizeof(sc_entry *), cmp_entry)
+        return 0
+    i = 0
+    while i < n:
+        if stop[0]:
+            free(tmp)
+            return 1
+        qsort(arr + i, min(<size_t>SORT_RUN, n - i), sizeof(sc_entry *), cmp_entry)
+        i += SORT_RUN
+    width = SORT_RUN
+    while width < n:
+        lo = 0
+        while lo < n:
+            if stop[0]:
+                free(tmp)
+                return 1
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            a = lo
+            b = mid
+            o = lo
+            while a < mid and b < hi:
+                if cmp_entry(&src[b], &src[a]) < 0:
+                    dst[o] = src[b]
+                    b += 1
+                else:
+                    dst[o] = src[a]
+                    a += 1
+                o += 1
+                if (o & 0xFFFF) == 0 and stop[0]:
+                    free(tmp)
+                    return 1
+            if a < mid:
+                memcpy(dst + o, src + a, (mid - a) * sizeof(sc_entry *))
+            if b < hi:
+                memcpy(dst + o, src + b, (hi - b) * sizeof(sc_entry *))
+            lo = hi
+        t = src
+        src = dst
+        dst = t
+        width *= 2
+    if src is not arr:
+        memcpy(arr, src, n * sizeof(sc_entry *))
+    free(tmp)
+    return 0
+
+
 cdef bytes lmdb_key(const uint8_t *k, size_t kl):
     """The LMDB key of composite key k (hashed when longer than MAX_DIRECT_KEY)."""
     if kl <= MAX_DIRECT_KEY:
@@ -432,6 +495,21 @@ cdef inline bint is_delta(bytes raw):
     return ((<const uint8_t *>PyBytes_AS_STRING(raw))[0] & V_DELTA) != 0
 
 
+cdef inline bint of_sid(bytes lkey, const uint8_t *sp) noexcept:
+    """LMDB key lkey belongs to the state whose 2-byte id is at sp (``lkey[2:4] == sidb``, no slice)."""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(lkey)
+    return PyBytes_GET_SIZE(lkey) >= 4 and p[2] == sp[0] and p[3] == sp[1]
+
+
+cdef object next_sid_target(bytes lkey, bytes sidb):
+    """lkey (in LMDB order, at or after the current key group's start of state sidb) is not of state sidb: the
+    LMDB key where the state's records of the next candidate key group start; None past the last key group."""
+    cdef long kgi = int.from_bytes(lkey[:2], "big") + (1 if lkey[2:4] > sidb else 0)
+    if kgi > 0xFFFF:
+        return None
+    return kgi.to_bytes(2, "big") + sidb
+
+
 cdef size_t map_prefix_len(const uint8_t *k, size_t kl) except? 0:
     """Length of the (state, key, namespace) prefix of a map entry's composite key."""
     cdef sc_kc_parts parts
@@ -512,6 +590,7 @@ cdef class LMDBStore:
     cdef bint grow_req
     cdef object error
     cdef bint closing
+    cdef int stop_sort          # set by close(): a flush's sort (nogil) stops at its next block
     cdef uint64_t seq           # append-delta sequence (LMDB key suffix)
     cdef readonly long long ndeltas
     cdef readonly long long flushes
@@ -623,7 +702,10 @@ cdef class LMDBStore:
         return self.clock()
 
     def close(self, remove_dir=False):
-        """Stop the flush thread and close the environment (never in a forked child).  Idempotent."""
+        """Stop the flush thread and close the environment (never in a forked child).  Idempotent.
+
+        Nothing is flushed: the working DB is scratch (checkpoints are the durable copy).  A flush in progress
+        stops at its next sort block (``sort_entries``) or write transaction, pending buffers are dropped."""
         cdef Memtable m
         if self.closed:
             return
@@ -633,6 +715,7 @@ cdef class LMDBStore:
             return
         with self.cv:
             self.closing = True
+            self.stop_sort = 1  # a flush sorting its buffer stops within a block: close() need not wait for it
             self.cv.notify_all()
             w = self.worker
         if w is not None:
@@ -1171,7 +1254,7 @@ cdef class LMDBStore:
         cdef sc_entry **arr
         cdef uint8_t *k
         cdef uint8_t fl
-        cdef int kd, dr
+        cdef int kd, dr, stopped
         cdef int64_t tid
         cdef uint8_t seqb[8]
         if m.arr is NULL:
@@ -1188,7 +1271,10 @@ cdef class LMDBStore:
                 arr[i] = e
                 i += 1
             with nogil:
-                qsort(arr, n, sizeof(sc_entry *), cmp_entry)
+                stopped = sort_entries(arr, n, &self.stop_sort)
+            if stopped:
+                free(arr)
+                raise StateError("statecore: backend closed during a flush")
             m.arr = arr
             m.narr = n
             m.done = 0
@@ -1885,23 +1971,26 @@ cdef class LMDBStateTable(StateTable):
         cdef sc_entry *e
         cdef Memtable m
         cdef bytes key
-        cdef long kgi
+        cdef const uint8_t *sp
+        cdef bytes lkey, raw
         self.s.guard()
         if self.sid < 0:
             return 0
-        # 1. LMDB records of this state not shadowed by a buffer (one cursor pass, across key groups)
+        # 1. LMDB records of this state not shadowed by a buffer (one cursor pass, across key groups: py-lmdb's
+        #    C iterator from each key group's first record of the state, one (key, value) tuple per record)
         cur = self.s.txn().cursor()
+        sp = <const uint8_t *>PyBytes_AS_STRING(self.sidb)
         target = b"\x00\x00" + self.sidb
-        while cur.set_range(target):
-            lkey = cur.key()
-            if lkey[2:4] != self.sidb:
-                kgi = int.from_bytes(lkey[:2], "big") + (1 if lkey[2:4] > self.sidb else 0)
-                if kgi > 0xFFFF:
+        while target is not None and cur.set_range(target):
+            target = None
+            for item in cur.iternext(keys=True, values=True):
+                lkey = <bytes>item[0]
+                if not of_sid(lkey, sp):
+                    target = next_sid_target(lkey, self.sidb)
                     break
-                target = kgi.to_bytes(2, "big") + self.sidb
-                continue
-            raw = cur.value()
-            if not is_delta(raw):
+                raw = <bytes>item[1]
+                if is_delta(raw):
+                    continue
                 parse_record(raw, &ts, &fk, &fkl, &v, &vl)
                 key = lkey if fk is NULL else as_bytes(fk, fkl)
                 kp = <const uint8_t *>PyBytes_AS_STRING(key)
@@ -1914,9 +2003,6 @@ cdef class LMDBStateTable(StateTable):
                     if v is not NULL:
                         self.emit(sink, out, kp, kl, v, vl, ts)
                         n += 1
-            if not cur.next():
-                break
-            target = cur.key()
         cur = None
         # 2. buffered entries (their newest version only)
         for m in self.tiers():
@@ -2587,22 +2673,24 @@ cdef class LMDBCut:
         cdef sc_entry *e
         cdef Py_ssize_t i
         cdef bytes key
-        cdef long kgi
+        cdef const uint8_t *sp
+        cdef bytes lkey, raw
         if self.txn is not None:
             cur = self.txn.cursor()
+            sp = <const uint8_t *>PyBytes_AS_STRING(sidb)
             target = b"\x00\x00" + sidb
-            while cur.set_range(target):
-                if self.cancel:
-                    self.enter()
-                lkey = cur.key()
-                if lkey[2:4] != sidb:
-                    kgi = int.from_bytes(lkey[:2], "big") + (1 if lkey[2:4] > sidb else 0)
-                    if kgi > 0xFFFF:
+            while target is not None and cur.set_range(target):
+                target = None
+                for item in cur.iternext(keys=True, values=True):
+                    if self.cancel:
+                        self.enter()
+                    lkey = <bytes>item[0]
+                    if not of_sid(lkey, sp):
+                        target = next_sid_target(lkey, sidb)
                         break
-                    target = kgi.to_bytes(2, "big") + sidb
-                    continue
-                raw = cur.value()
-                if not is_delta(raw):
+                    raw = <bytes>item[1]
+                    if is_delta(raw):
+                        continue
                     parse_record(raw, &ts, &fk, &fkl, &v, &vl)
                     key = lkey if fk is NULL else as_bytes(fk, fkl)
                     kp = <const uint8_t *>PyBytes_AS_STRING(key)
@@ -2616,9 +2704,6 @@ cdef class LMDBCut:
                         else:
                             emit_to(sink, kp, kl, v, vl, ts)
                             n += 1
-                if not cur.next():
-                    break
-                target = cur.key()
             cur = None
         for i in range(self.ntabs):
             pos = 0

@@ -888,3 +888,52 @@ def test_async_checkpoint_synchronous_part_is_small(tmp_path):
               f"(buffered: {kb.metrics()['buffer_entries']:,} entries); checkpoint() {full_ms:.1f} ms")
     finally:
         kb.close()
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_checkpoint_scan_of_flushed_states_across_key_groups(tmp_path, cut):
+    """The checkpoint's LMDB scan (one C iterator per key group of each state) returns exactly each state's
+    entries: three states interleaved in every key group, long (hashed) keys, list deltas, buffer shadowing."""
+    backend = _ckpt_backend(tmp_path, write_buffer_size=1 << 20)
+    kb = backend.create_keyed_state_backend(max_parallelism=128)
+    try:
+        _fill(kb, range(400), "a")
+        lv = kb.get_state(ValueStateDescriptor("long", Str()))
+        for i in range(0, 400, 9):
+            kb.set_current_key(i)
+            lv.update("x" * 600 + str(i))
+        kb.flush()                        # all in LMDB
+        _fill(kb, range(0, 400, 11), "b")  # list deltas in LMDB after the next flush, overwrites
+        kb.flush()
+        _fill(kb, range(0, 400, 13), "c")  # shadowing buffer entries
+        expected = _dump(kb)
+        longs = {}
+        for i in range(0, 400, 9):
+            kb.set_current_key(i)
+            longs[i] = lv.value()
+        n = kb.num_state_entries()
+        cp = kb.checkpoint_async(1).result(timeout=60) if cut else kb.checkpoint(1)
+    finally:
+        kb.close()
+    with backend.restore_keyed_state_backend([cp], max_parallelism=128) as kb2:
+        assert _dump(kb2) == expected
+        assert kb2.num_state_entries() == n
+        lv2 = kb2.get_state(ValueStateDescriptor("long", Str()))
+        for i, val in longs.items():
+            kb2.set_current_key(i)
+            assert lv2.value() == val
+
+
+def test_close_does_not_wait_for_a_large_flush(tmp_path):
+    """close() flushes nothing: a flush sorting a large buffer stops early, the flush thread ends."""
+    import threading
+
+    import numpy as np
+    kb = make(tmp_path, write_buffer_size=16 << 20)
+    v = kb.get_state(ValueStateDescriptor("v", Int64()))
+    keys = np.arange(400_000, dtype=np.int64)
+    v.update_batch(keys, keys)
+    m = kb.metrics()
+    assert m["immutable_buffers"] + m["flushes"] >= 1  # a buffer was frozen: its flush is running
+    kb.close()
+    assert not [t for t in threading.enumerate() if t.name == "statecore-lmdb-flush"]

@@ -210,6 +210,9 @@ class LMDBKeyedStateBackend(KeyedStateBackend):
             os.close(fd)
 
     def close(self):
+        """Release the backend.  Nothing is flushed (the working DB is scratch, checkpoints are the durable
+        copy): a flush in progress stops early, a temporary directory is removed, a ``db_path`` directory is
+        left to be wiped by the next open."""
         if self.closed:
             return
         super().close()

@@ -6,7 +6,7 @@ ListState and MapState over 2,000 keys) and checkpoints every 50-300 ops, altern
 after each one returns.  The PARENT is the oracle: it SIGKILLs the child, either
 after a random delay (blackbox) or through a whitebox kill point the child arms with
 ``statecore.checkpoint.storage.set_io_hook`` (before the data file is written, after
-it is fsynced, at either directory fsync, before the metadata temp file is written,
+it is written but before its fsync, after it is fsynced, at either directory fsync, before the metadata temp file is written,
 after it is fsynced, right after ``_metadata`` is published, before a retention
 delete).  After every kill the parent checks EVERY ``chk-*`` folder on storage:
 
@@ -39,7 +39,7 @@ publishing, after publishing, or in a retention delete).
 Negative control: with ``STATECORE_DEBUG_SKIP_FSYNC=1`` (storage.py) the same
 power-loss emulation must make the harness report a lost acknowledged checkpoint.
 
-CI: 2 backends x 88 cycles (18 blackbox, 70 whitebox = 10 per named point), ~25 s per
+CI: 2 backends x 100 cycles (20 blackbox, 80 whitebox = 10 per named point), ~30 s per
 backend; ``STATECORE_SOAK=1``: 2 x 1,000 cycles (~114 kills per named point);
 ``STATECORE_CRASH_CYCLES=N`` overrides the number of cycles per backend (e.g. the
 plan's 10,000 for a long soak).
@@ -65,7 +65,7 @@ import crash_writer as cw
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sc.__file__)))
 WRITER = os.path.abspath(cw.__file__)
 SOAK = os.environ.get("STATECORE_SOAK") == "1"
-CYCLES_PER_BACKEND = int(os.environ.get("STATECORE_CRASH_CYCLES") or (1000 if SOAK else 88))
+CYCLES_PER_BACKEND = int(os.environ.get("STATECORE_CRASH_CYCLES") or (1000 if SOAK else 100))
 NUM_RETAINED = 2
 MAX_RESTARTS_PER_SEED = 10
 POWER_LOSS_EVERY = 3           # every 3rd cycle also emulates a power loss
@@ -79,6 +79,7 @@ START_TIMEOUT = 60.0
 # (event, path substring) of the whitebox kill points; n-th occurrence drawn per cycle.
 KILL_POINTS = [
     ("write", "data.sckd"),        # before the data file is written
+    ("written", "data.sckd"),      # data file written, NOT fsynced: power loss may cut it
     ("fsync", "data.sckd"),        # data file written and fsynced, nothing published
     ("dirsync", "chk-"),           # odd n: folder fsynced before publishing; even n: after publishing
     ("write", "_metadata.tmp"),    # just before the metadata is published (temp file about to be written)

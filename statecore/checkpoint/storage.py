@@ -77,7 +77,8 @@ _io_hook = None
 def set_io_hook(hook):
     """Install ``hook(event, path)`` (or None) called at the durability points of the writer.
 
-    Events: ``"write"`` before a file's bytes are written; ``"fsync"`` after a file is
+    Events: ``"write"`` before a file's bytes are written; ``"written"`` after they are
+    written to a local file, before its fsync (local disk only); ``"fsync"`` after a file is
     fsynced; ``"dirsync"`` after a directory is fsynced; ``"publish"`` after ``_metadata``
     became visible; ``"delete"`` before a checkpoint folder is deleted.  Meant for the
     reliability harnesses (sync tracking, whitebox kill points); an exception from the
@@ -269,6 +270,7 @@ class _LocalStore:
         fd = os.open(path, flags, 0o644)
         try:
             _write_all(fd, payload)
+            _event("written", path)
             _fsync_fd(fd, path)
         except BaseException:
             os.close(fd)

@@ -127,7 +127,6 @@ cdef enum:
     MT_FLUSHING = 1
     MT_DONE = 2
     MT_FAILED = 3            # its flush failed: kept (with its progress) until a retry succeeds
-    MINDEX_ENTRY_BYTES = 96  # estimated bookkeeping bytes of one map key in a buffer's prefix index
     CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
     SORT_RUN = 8192          # a flush sorts its buffer in runs of this many entries (then merges them)
 
@@ -491,6 +490,50 @@ cdef list range_items_in(object txn, bytes p):
     return out
 
 
+cdef list map_items_in(object txn, bytes p):
+    """[(user key part, value, ts)] of every LMDB record (in txn) whose composite key starts with map prefix p,
+    sorted by composite key (one py-lmdb C iterator over the range, no intermediate objects)."""
+    cdef int64_t ts
+    cdef const uint8_t *fk
+    cdef const uint8_t *v
+    cdef const uint8_t *kp
+    cdef size_t fkl, vl, kl
+    cdef bytes lkey, raw
+    cdef bytes head = p[:HASHED_HEAD]
+    cdef const uint8_t *pp = <const uint8_t *>PyBytes_AS_STRING(p)
+    cdef const uint8_t *hp = <const uint8_t *>PyBytes_AS_STRING(head)
+    cdef size_t pl = <size_t>PyBytes_GET_SIZE(p)
+    cdef size_t hl = <size_t>PyBytes_GET_SIZE(head)
+    cdef bint hashed = False
+    cdef list out = []
+    cur = txn.cursor()
+    if not cur.set_range(head):
+        return out
+    for item in cur.iternext(keys=True, values=True):
+        lkey = <bytes>item[0]
+        if <size_t>PyBytes_GET_SIZE(lkey) < hl or memcmp(PyBytes_AS_STRING(lkey), hp, hl) != 0:
+            break
+        raw = <bytes>item[1]
+        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+        if fk is NULL:
+            kp = <const uint8_t *>PyBytes_AS_STRING(lkey)
+            kl = <size_t>PyBytes_GET_SIZE(lkey)
+        else:
+            kp = fk
+            kl = fkl
+            hashed = True  # LMDB orders it by its hashed key
+        if kl < pl or memcmp(kp, pp, pl) != 0:
+            continue
+        out.append((as_bytes(kp + pl, kl - pl), as_bytes(v, vl), ts))
+    if hashed:
+        out.sort(key=_first)
+    return out
+
+
+def _first(t):
+    return t[0]
+
+
 cdef inline bint is_delta(bytes raw):
     return ((<const uint8_t *>PyBytes_AS_STRING(raw))[0] & V_DELTA) != 0
 
@@ -521,8 +564,8 @@ cdef size_t map_prefix_len(const uint8_t *k, size_t kl) except? 0:
 cdef class Memtable:
     """One write buffer: a C table plus its map-prefix index."""
     cdef sc_table *t
-    cdef dict mindex          # map prefix -> set of full keys with an entry in this buffer
-    cdef size_t mbytes        # estimated bytes of mindex
+    cdef sc_table *pidx       # map prefix -> its keys with an entry in this buffer: (varint length | user key
+                              # part) records appended when the key enters the buffer (C; see LMDBStore.bput)
     cdef int state            # MT_PENDING / MT_FLUSHING / MT_DONE / MT_FAILED (only for immutable buffers)
     cdef bint started         # its flush started (LMDB may hold some of it): seq_lo is set
     cdef uint64_t seq_lo      # the first append-delta sequence number its flush used (set when it starts)
@@ -534,15 +577,17 @@ cdef class Memtable:
 
     def __cinit__(self):
         self.t = sc_table_new(16, 0)
-        if self.t is NULL:
+        self.pidx = sc_table_new(16, 0)
+        if self.t is NULL or self.pidx is NULL:
             raise MemoryError()
-        self.mindex = {}
 
     def __dealloc__(self):
         free(self.arr)
         self.arr = NULL
         sc_table_free(self.t)
         self.t = NULL
+        sc_table_free(self.pidx)
+        self.pidx = NULL
 
     cdef void release(self) noexcept:
         free(self.arr)
@@ -550,11 +595,11 @@ cdef class Memtable:
         self.narr = 0
         sc_table_free(self.t)
         self.t = NULL
-        self.mindex = None
-        self.mbytes = 0
+        sc_table_free(self.pidx)
+        self.pidx = NULL
 
     cdef inline size_t size(self) noexcept:
-        return (self.t.bytes if self.t is not NULL else 0) + self.mbytes
+        return (self.t.bytes if self.t is not NULL else 0) + (self.pidx.bytes if self.pidx is not NULL else 0)
 
 
 @cython.final
@@ -1057,6 +1102,12 @@ cdef class LMDBStore:
             return []
         return range_items_in(self.txn(), p)
 
+    cdef list map_items(self, bytes p):
+        """[(user key part, value, ts)] of the LMDB records whose composite key starts with map prefix p."""
+        if not self.spilled:
+            return []
+        return map_items_in(self.txn(), p)
+
     cdef list sid_scan(self, bytes sidb, bytes start, long limit):
         """[(LMDB key, raw)] of state sidb (2 bytes) from LMDB key ``start`` on, across key groups."""
         cdef long kgi
@@ -1200,7 +1251,7 @@ cdef class LMDBStore:
     cdef inline int maybe_flush(self) except -1:
         """After a write: freeze the active buffer when it is full.  A flush failure met here is raised at the
         next operation instead (the write that got here was applied)."""
-        if self.buf.bytes + self.act.mbytes > self.write_buffer_size and self.deferred is None:
+        if self.buf.bytes + self.act.pidx.bytes > self.write_buffer_size and self.deferred is None:
             try:
                 self.freeze(True)
             except LMDBFlushError as e:
@@ -1212,7 +1263,7 @@ cdef class LMDBStore:
     cdef inline int admit(self) except -1:
         """Before a write: the active buffer is still full because its flush failed: retry it first, raising
         (the write is not applied) when it fails again.  Keeps the write buffers bounded."""
-        if self.buf.bytes + self.act.mbytes > self.write_buffer_size:
+        if self.buf.bytes + self.act.pidx.bytes > self.write_buffer_size:
             self.freeze(True)
         return 0
 
@@ -1373,23 +1424,20 @@ cdef class LMDBStore:
         """Write (flag, v) under k into the active buffer; pl > 0: a map entry with prefix length pl."""
         cdef Memtable a = self.act
         cdef uint8_t empty = 0
+        cdef size_t before, n
         self.wgen += 1
         if ts < TS_MIN or ts > TS_MAX:
             raise StateError(f"statecore: timestamp {ts} ms is out of the LMDB tier's range (+-2**55 ms)")
         if self.cache is not NULL and self.cache.count:
             sc_table_delete(self.cache, k, kl, h)
         # v never points into the active buffer (callers copy such values to their own scratch first)
+        before = self.buf.count
         check(sc_table_put(self.buf, k, kl, h, v if vl else &empty, vl, pack_ts(flag, ts), NULL))
-        if pl:
-            p = as_bytes(k, pl)
-            s = a.mindex.get(p)
-            if s is None:
-                a.mindex[p] = s = set()
-                a.mbytes += pl + MINDEX_ENTRY_BYTES + 200
-            before = len(s)
-            s.add(as_bytes(k, kl))
-            if len(s) != before:
-                a.mbytes += kl + MINDEX_ENTRY_BYTES
+        if pl and self.buf.count != before:  # a map key new to this buffer: index it under its prefix
+            reserve(&self.scratch, SC_VARINT_MAX + kl - pl)
+            n = sc_varint_put(self.scratch.data, kl - pl)
+            memcpy(self.scratch.data + n, k + pl, kl - pl)
+            check(sc_table_append(a.pidx, k, pl, sc_table_hash(k, pl), self.scratch.data, n + kl - pl, 0))
         return 0
 
     # -- read cache ---------------------------------------------------------
@@ -1794,19 +1842,37 @@ cdef class LMDBStateTable(StateTable):
         cdef const uint8_t *v
         cdef size_t fkl, vl
         cdef sc_entry *e
+        cdef sc_entry *ie
         cdef bytes key
         cdef Memtable m
+        cdef const uint8_t *pp = <const uint8_t *>PyBytes_AS_STRING(prefix)
+        cdef size_t pl = <size_t>PyBytes_GET_SIZE(prefix)
+        cdef uint32_t ph = sc_table_hash(pp, pl)
+        cdef const uint8_t *r
+        cdef const uint8_t *end
+        cdef uint64_t ul
+        cdef size_t used
+        cdef uint8_t *kp
         res = {}
         for key, raw in self.s.range_items(prefix):
             parse_record(raw, &ts, &fk, &fkl, &v, &vl)
             res[key] = (as_bytes(v, vl), ts)
         for m in self.tiers():
-            keys = m.mindex.get(prefix)
-            if not keys:
+            ie = sc_table_find(m.pidx, pp, pl, ph)
+            if ie is NULL:
                 continue
-            for key in keys:
-                e = sc_table_find(m.t, <const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
-                                  sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)))
+            r = sc_entry_value(ie)
+            end = r + ie.vlen
+            while r < end:  # (varint length | user key part) records: this buffer's keys of the map
+                used = sc_varint_get(r, end, &ul)
+                if used == 0 or ul > <uint64_t>(end - r - used):
+                    raise StateError("statecore: corrupt map prefix index")
+                key = PyBytes_FromStringAndSize(NULL, pl + ul)
+                kp = <uint8_t *>PyBytes_AS_STRING(key)
+                memcpy(kp, pp, pl)
+                memcpy(kp + pl, r + used, ul)
+                r += used + ul
+                e = sc_table_find(m.t, kp, pl + ul, sc_table_hash(kp, pl + ul))
                 if e is NULL:
                     continue
                 if kind(e) == FLAG_PUT:
@@ -1816,7 +1882,14 @@ cdef class LMDBStateTable(StateTable):
         return res
 
     cdef list mitems(self, const uint8_t *p, size_t pl, uint32_t ph):
+        cdef Memtable m
+        cdef uint32_t hp = sc_table_hash(p, pl)
         self.enter(p, pl)
+        for m in self.tiers():
+            if sc_table_find(m.pidx, p, pl, hp) is not NULL:
+                break
+        else:  # no buffer holds an entry of this map: it is LMDB's range, already in order
+            return self.s.map_items(as_bytes(p, pl))
         res = self.live_map(as_bytes(p, pl))
         return [(k[pl:], res[k][0], res[k][1]) for k in sorted(res)]
 

@@ -937,3 +937,33 @@ def test_close_does_not_wait_for_a_large_flush(tmp_path):
     assert m["immutable_buffers"] + m["flushes"] >= 1  # a buffer was frozen: its flush is running
     kb.close()
     assert not [t for t in threading.enumerate() if t.name == "statecore-lmdb-flush"]
+
+
+def test_map_items_lmdb_only_and_mixed_with_hashed_user_keys(tmp_path):
+    """items() of a map held only by LMDB (one ordered range read) and of one mixed with the buffer agree with
+    the model, long (hashed) user keys included: ordered by user key."""
+    kb = make(tmp_path, write_buffer_size=1 << 20)
+    try:
+        mp = kb.get_state(MapStateDescriptor("m", Str(), Int64()))
+        model = {}
+        for i in range(40):
+            kb.set_current_key(i % 4)
+            uk = ("z" * 500 if i % 3 == 0 else "") + f"u{i:03d}"  # every third user key is hashed in LMDB
+            mp.put(uk, i)
+            model.setdefault(i % 4, {})[uk] = i
+        kb.flush()
+        for k in range(4):
+            kb.set_current_key(k)
+            assert list(mp.items()) == sorted(model[k].items())
+        kb.set_current_key(1)
+        gone = sorted(model[1])[0]
+        mp.put("a-new", -1)
+        mp.remove(gone)
+        model[1]["a-new"] = -1
+        del model[1][gone]
+        for k in range(4):
+            kb.set_current_key(k)
+            assert list(mp.items()) == sorted(model[k].items())
+            assert dict(mp.items()) == model[k]
+    finally:
+        kb.close()

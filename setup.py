@@ -9,6 +9,7 @@ Environment switches:
   with -fno-sanitize-recover=all and -fno-wrapv; see CONTRIBUTING.md for how to run the
   tests under it (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``) and under valgrind.
 """
+import glob
 import os
 
 import numpy
@@ -45,6 +46,8 @@ def ext(name):
         extra_compile_args=ext_flags,
         extra_link_args=san,
         libraries=["sccore"],
+        # The C core is a static library: relink (and recompile, for the headers) when it changes.
+        depends=sorted(glob.glob("csrc/*.c") + glob.glob("csrc/*.h")),
     )
 
 

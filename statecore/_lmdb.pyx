@@ -86,7 +86,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport getpid
 
 from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
@@ -290,36 +290,71 @@ cdef int cmp_entry(const void *a, const void *b) noexcept nogil:
     return (ea.klen > eb.klen) - (ea.klen < eb.klen)
 
 
+cdef struct srec:          # a flush's sort record: the key's first 16 bytes (big-endian, zero-padded) + entry
+    uint64_t k0
+    uint64_t k1
+    sc_entry *e
+
+
+cdef inline uint64_t be_word(const uint8_t *k, size_t kl, size_t off) noexcept nogil:
+    cdef uint8_t w[8]
+    cdef size_t n
+    if kl >= off + 8:
+        return sc_be64_get(k + off)
+    memset(w, 0, 8)
+    if kl > off:
+        n = kl - off
+        memcpy(w, k + off, n)
+    return sc_be64_get(w)
+
+
+cdef int cmp_srec(const void *a, const void *b) noexcept nogil:
+    cdef const srec *ra = <const srec *>a
+    cdef const srec *rb = <const srec *>b
+    if ra.k0 != rb.k0:
+        return -1 if ra.k0 < rb.k0 else 1
+    if ra.k1 != rb.k1:
+        return -1 if ra.k1 < rb.k1 else 1
+    return cmp_entry(&ra.e, &rb.e)  # equal first 16 bytes: the full keys decide
+
+
 cdef int sort_entries(sc_entry **arr, size_t n, const volatile int *stop) noexcept nogil:
-    """Sort arr by key (cmp_entry): qsort of SORT_RUN-entry runs, then bottom-up merge passes, checking *stop
-    between runs / merges (close() must not wait for the whole sort of a large buffer that will never be
-    written).  0 when sorted; 1 when stopped (arr left in some order)."""
+    """Sort arr by key (cmp_entry order).  The keys' first 16 bytes are copied next to their entry pointers
+    (no cache miss per comparison), then: qsort of SORT_RUN-record runs, bottom-up merge passes, checking *stop
+    between runs and within merges (close() must not wait for the whole sort of a large buffer that will never
+    be written).  0 when sorted; 1 when stopped (arr left as it was)."""
     cdef size_t i, lo, mid, hi, a, b, o, width
-    cdef sc_entry **src = arr
-    cdef sc_entry **dst
-    cdef sc_entry **t
-    cdef sc_entry **tmp
-    if n <= SORT_RUN:
+    cdef srec *recs
+    cdef srec *src
+    cdef srec *dst
+    cdef srec *t
+    cdef sc_entry *e
+    if n <= 1:
+        return 0
+    recs = <srec *>malloc(2 * n * sizeof(srec))
+    if recs is NULL:
         qsort(arr, n, sizeof(sc_entry *), cmp_entry)
         return 0
-    tmp = <sc_entry **>malloc(n * sizeof(sc_entry *))
-    dst = tmp
-    if tmp is NULL:
-        qsort(arr, n, sizeof(sc_entry *), cmp_entry)
-        return 0
+    for i in range(n):
+        e = arr[i]
+        recs[i].k0 = be_word(sc_entry_key(e), e.klen, 0)
+        recs[i].k1 = be_word(sc_entry_key(e), e.klen, 8)
+        recs[i].e = e
+    src = recs
+    dst = recs + n
     i = 0
     while i < n:
         if stop[0]:
-            free(tmp)
+            free(recs)
             return 1
-        qsort(arr + i, min(<size_t>SORT_RUN, n - i), sizeof(sc_entry *), cmp_entry)
+        qsort(src + i, min(<size_t>SORT_RUN, n - i), sizeof(srec), cmp_srec)
         i += SORT_RUN
     width = SORT_RUN
     while width < n:
         lo = 0
         while lo < n:
             if stop[0]:
-                free(tmp)
+                free(recs)
                 return 1
             mid = min(lo + width, n)
             hi = min(lo + 2 * width, n)
@@ -327,7 +362,7 @@ cdef int sort_entries(sc_entry **arr, size_t n, const volatile int *stop) noexce
             b = mid
             o = lo
             while a < mid and b < hi:
-                if cmp_entry(&src[b], &src[a]) < 0:
+                if cmp_srec(&src[b], &src[a]) < 0:
                     dst[o] = src[b]
                     b += 1
                 else:
@@ -335,20 +370,20 @@ cdef int sort_entries(sc_entry **arr, size_t n, const volatile int *stop) noexce
                     a += 1
                 o += 1
                 if (o & 0xFFFF) == 0 and stop[0]:
-                    free(tmp)
+                    free(recs)
                     return 1
             if a < mid:
-                memcpy(dst + o, src + a, (mid - a) * sizeof(sc_entry *))
+                memcpy(dst + o, src + a, (mid - a) * sizeof(srec))
             if b < hi:
-                memcpy(dst + o, src + b, (hi - b) * sizeof(sc_entry *))
+                memcpy(dst + o, src + b, (hi - b) * sizeof(srec))
             lo = hi
         t = src
         src = dst
         dst = t
         width *= 2
-    if src is not arr:
-        memcpy(arr, src, n * sizeof(sc_entry *))
-    free(tmp)
+    for i in range(n):
+        arr[i] = src[i].e
+    free(recs)
     return 0
 
 

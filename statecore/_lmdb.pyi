@@ -28,6 +28,7 @@ class LMDBStore:
     env_reopens: int
     env_failed: bool
     ndeltas: int
+    kf_skips: int
     max_write_buffer_number: int
     epoch: int
     def __init__(self, path: str, write_buffer_size: int = ..., sync: bool = ..., map_size: int = ...,

@@ -64,7 +64,14 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   prefix while they are in a buffer), newer tiers and tombstones winning.
 * Entry counts (``num_state_entries``) are exact: every write checks whether
   the key exists (buffers, then LMDB; LMDB only once a buffer was ever frozen:
-  until then it is empty and every read skips it too).
+  until then it is empty and every read skips it too).  A key filter (2 bits
+  per key, ~``write_buffer_size / 8`` bytes, set by the flush for every base
+  record it writes, never cleared) answers "LMDB has no record of this key"
+  without a lookup, so a write of a new key (and a read of a missing one)
+  costs no LMDB access while the filter is not saturated; a false positive (a
+  set bit pair: another key, or a key deleted since) only costs the lookup, so
+  counts stay exact.  Past ~``write_buffer_size / 2`` distinct flushed keys the
+  filter fills up and writes degrade to the lookup they always did.
 * ValueState batch ops (``put_batch``/``get_batch``) run a C loop over the
   active buffer (a live entry of the same size is overwritten in place); keys
   it does not hold take the single-key path (other buffers, cache, LMDB).
@@ -85,7 +92,7 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, qsort
+from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport getpid
 
@@ -569,6 +576,21 @@ def _first(t):
     return t[0]
 
 
+cdef inline void kf_add(uint8_t *kf, uint64_t mask, uint32_t h) noexcept nogil:
+    """Set the key filter's two bits of composite key hash h (sc_table_hash)."""
+    cdef uint64_t a = h & mask
+    cdef uint64_t b = ((<uint64_t>h * 0x9E3779B97F4A7C15ULL) >> 29) & mask
+    kf[a >> 3] |= <uint8_t>(1 << (a & 7))
+    kf[b >> 3] |= <uint8_t>(1 << (b & 7))
+
+
+cdef inline bint kf_maybe(const uint8_t *kf, uint64_t mask, uint32_t h) noexcept nogil:
+    """0: no flush ever wrote a base record of a key with hash h, so LMDB has none (no lookup needed)."""
+    cdef uint64_t a = h & mask
+    cdef uint64_t b = ((<uint64_t>h * 0x9E3779B97F4A7C15ULL) >> 29) & mask
+    return (kf[a >> 3] >> (a & 7)) & 1 and (kf[b >> 3] >> (b & 7)) & 1
+
+
 cdef inline bint is_delta(bytes raw):
     return ((<const uint8_t *>PyBytes_AS_STRING(raw))[0] & V_DELTA) != 0
 
@@ -705,6 +727,9 @@ cdef class LMDBStore:
     cdef readonly long long flush_retries
     cdef readonly long long env_reopens
     cdef list scans             # weak references to get_keys scans holding an LMDB read transaction
+    cdef uint8_t *kf            # LMDB key filter: 2 bits per base record a flush wrote (see kf_maybe)
+    cdef uint64_t kfmask        # its bit count - 1
+    cdef readonly long long kf_skips  # LMDB lookups the key filter saved
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -714,11 +739,19 @@ cdef class LMDBStore:
     def __init__(self, str path, size_t write_buffer_size=64 << 20, bint sync=False, size_t map_size=256 << 20,
                  int max_readers=1024, size_t dirty_budget=32 << 20, int max_write_buffer_number=2,
                  size_t cache_entries=0, size_t cache_bytes=0, clock=None):
+        cdef uint64_t kfbits
         from statecore.ttl import ManualClock
         self.path = path
         # a random-key entry may dirty a leaf and a branch page (2 x 4 KiB), held in malloc'd memory until commit
         self.txn_entries = max(<size_t>256, dirty_budget // 8192)
         self.write_buffer_size = max(write_buffer_size, <size_t>1)
+        kfbits = <uint64_t>1 << 15  # ~write_buffer_size / 8 bytes (calloc: pages are touched as bits get set)
+        while kfbits < self.write_buffer_size and kfbits < (<uint64_t>1 << 32):
+            kfbits <<= 1
+        self.kf = <uint8_t *>calloc(kfbits >> 3, 1)
+        if self.kf is NULL:
+            raise MemoryError()
+        self.kfmask = kfbits - 1
         self.max_write_buffer_number = max(max_write_buffer_number, 1)
         self.act = Memtable()
         self.buf = self.act.t
@@ -752,6 +785,8 @@ cdef class LMDBStore:
         self.cache = NULL
         sc_buf_free(&self.scratch)
         sc_buf_free(&self.fscratch)
+        free(self.kf)
+        self.kf = NULL
 
     cdef void forked(self) noexcept:
         self.is_forked = True
@@ -1408,6 +1443,7 @@ cdef class LMDBStore:
                                 if not cur.delete():
                                     break
                     if kd == FLAG_PUT:
+                        kf_add(self.kf, self.kfmask, e.hash)  # before the record is visible (a superset is fine)
                         if dr == 2:
                             tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, ets(e), 0))
                         else:
@@ -1595,6 +1631,9 @@ cdef class LMDBStateTable(StateTable):
             return 0
         if self.s.cache is not NULL and sc_table_find(self.s.cache, k, kl, h) is not NULL:
             return 1
+        if not kf_maybe(self.s.kf, self.s.kfmask, h):
+            self.s.kf_skips += 1
+            return 0
         return self.s.lget(k, kl) is not None
 
     cdef int resolve_list(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
@@ -1681,6 +1720,9 @@ cdef class LMDBStateTable(StateTable):
                 ts[0] = e.ts
                 return 1
         if not s.spilled:
+            return 0
+        if not kf_maybe(s.kf, s.kfmask, h):
+            s.kf_skips += 1
             return 0
         raw = s.lget(k, kl)
         if raw is None:

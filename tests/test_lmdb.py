@@ -967,3 +967,37 @@ def test_map_items_lmdb_only_and_mixed_with_hashed_user_keys(tmp_path):
             assert dict(mp.items()) == model[k]
     finally:
         kb.close()
+
+
+@pytest.mark.parametrize("wbs", [4096, 1 << 20])  # a saturated key filter (false positives) and a sparse one
+def test_key_filter_keeps_counts_and_reads_exact(tmp_path, wbs):
+    """New-key writes after a flush skip the LMDB lookup when the key filter rules the key out; counts and
+    reads stay exact with a filter full of false positives, deleted keys and re-added ones."""
+    kb = make(tmp_path, write_buffer_size=wbs)
+    try:
+        v = kb.get_state(ValueStateDescriptor("v", Int64()))
+        mp = kb.get_state(MapStateDescriptor("m", Int64(), Int64()))
+        model_v, model_m = {}, {}
+        for rnd in range(3):
+            for i in range(rnd * 3000, rnd * 3000 + 4000):  # overlaps the previous round: existing + new keys
+                kb.set_current_key(i)
+                v.update(i)
+                model_v[i] = i
+                mp.put(i % 5, i)
+                model_m[(i, i % 5)] = i
+            for i in range(rnd * 3000, rnd * 3000 + 4000, 7):
+                kb.set_current_key(i)
+                v.clear()
+                model_v.pop(i, None)
+                mp.remove(i % 5)
+                model_m.pop((i, i % 5), None)
+            kb.flush()
+            assert kb.num_state_entries() == len(model_v) + len(model_m)
+        for i in range(-50, 10000, 3):
+            kb.set_current_key(i)
+            assert v.value() == model_v.get(i)
+            assert mp.get(i % 5) == model_m.get((i, i % 5))
+        if wbs > 4096:
+            assert kb._store.kf_skips > 0
+    finally:
+        kb.close()

@@ -309,18 +309,23 @@ def test_default_client_retries_reset_sweep(proxy, bucket_and_client, tmp_path):
 
 @pytest.mark.skipif(not SOAK, reason="soak only (STATECORE_SOAK=1)")
 def test_random_fault_schedules_soak(no_s3fs_retries, proxy, bucket_and_client, tmp_path):
-    """5,000 runs, each one fault of a random kind at a random request of a random scenario."""
+    """5,000 runs (``STATECORE_S3_SOAK_RUNS`` overrides), each one fault of a random kind at a random
+    request of a random scenario."""
     bucket, client = bucket_and_client
     harness = _proxy_harness(proxy, bucket, client, tmp_path)
     rng = random.Random(7)
     counts = {s.name: len(_count_requests(harness, proxy, s)) for s in SCENARIOS}
     violations = []
-    for i in range(5000):
+    runs = int(os.environ.get("STATECORE_S3_SOAK_RUNS") or 5000)
+    t0 = time.monotonic()
+    for i in range(runs):
         scenario = rng.choice(SCENARIOS)
         k = rng.randrange(counts[scenario.name])
         mode = rng.choice(MODES)
         for v in harness.run(scenario, lambda arm: arm(k, mode)):
             violations.append(f"run {i} fault {mode}@{k}: {v}")
+    print(f"\nT7 soak: {runs} random fault schedules, {proxy.injected} faults injected in total, "
+          f"outcomes {harness.outcomes}, {len(violations)} violations, {time.monotonic() - t0:.0f} s")
     assert violations == [], "\n".join(violations[:40])
 
 

@@ -1410,8 +1410,12 @@ cdef class LMDBStore:
             self.fexpired = 0
             txn = self.env.begin(write=True)
             try:
-                tput = txn.put
+                # puts go to LMDB in batches (one py-lmdb putmulti call: a per-record txn.put releases and
+                # re-acquires the GIL each time, which crawls while the caller's thread runs Python code); a
+                # batch is written before any delete, so LMDB sees the operations in the same order
                 tdel = txn.delete
+                pcur = txn.cursor()
+                batch = []
                 cur = None
                 for i in range(start, end):
                     e = arr[i]
@@ -1428,10 +1432,13 @@ cdef class LMDBStore:
                         sc_be64_put(seqb, self.seq)
                         self.seq += 1
                         self.ndeltas += 1
-                        tput(lk + as_bytes(seqb, 8),
-                             encode_record(k, e.klen, bval(e), bvlen(e), ets(e), V_DELTA))
+                        batch.append((lk + as_bytes(seqb, 8),
+                                      encode_record(k, e.klen, bval(e), bvlen(e), ets(e), V_DELTA)))
                         continue
                     if (fl & FLAG_LIST) and self.ndeltas:
+                        if batch:
+                            pcur.putmulti(batch)
+                            batch = []
                         if cur is None:
                             cur = txn.cursor()
                         # a put or tombstone of a list replaces its append-deltas too
@@ -1445,11 +1452,19 @@ cdef class LMDBStore:
                     if kd == FLAG_PUT:
                         kf_add(self.kf, self.kfmask, e.hash)  # before the record is visible (a superset is fine)
                         if dr == 2:
-                            tput(lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len, ets(e), 0))
+                            batch.append((lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len,
+                                                            ets(e), 0)))
                         else:
-                            tput(lk, encode_record(k, e.klen, bval(e), bvlen(e), ets(e), 0))
+                            batch.append((lk, encode_record(k, e.klen, bval(e), bvlen(e), ets(e), 0)))
                     elif not _DEBUG_DROP_FLUSH_TOMBSTONES:
+                        if batch:
+                            pcur.putmulti(batch)
+                            batch = []
                         tdel(lk)
+                if batch:
+                    pcur.putmulti(batch)
+                batch = None
+                pcur = None
                 cur = None
                 tid = txn.id()
                 if _FAULTS is not None:
@@ -1462,11 +1477,13 @@ cdef class LMDBStore:
                     raise
             except lmdb.MapFullError:
                 cur = None
+                pcur = None
                 txn.abort()
                 self.request_grow()  # the caller's thread doubles the map with no transaction open
                 continue
             except BaseException:
                 cur = None
+                pcur = None
                 txn.abort()
                 raise
             self.flush_expired += self.fexpired

@@ -603,11 +603,23 @@ cdef inline bint of_sid(bytes lkey, const uint8_t *sp) noexcept:
 
 cdef object next_sid_target(bytes lkey, bytes sidb):
     """lkey (in LMDB order, at or after the current key group's start of state sidb) is not of state sidb: the
-    LMDB key where the state's records of the next candidate key group start; None past the last key group."""
-    cdef long kgi = int.from_bytes(lkey[:2], "big") + (1 if lkey[2:4] > sidb else 0)
+    LMDB key where the state's records of the next candidate key group start; None past the last key group.
+    (``int.from_bytes(lkey[:2], "big") + (lkey[2:4] > sidb)``, computed in C.)"""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(lkey)
+    cdef const uint8_t *sp = <const uint8_t *>PyBytes_AS_STRING(sidb)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(lkey)
+    cdef long kgi = (p[0] << 8 | p[1]) if n >= 2 else (p[0] if n == 1 else 0)
+    cdef Py_ssize_t m = (n if n < 4 else 4) - 2
+    cdef uint8_t t[4]
+    if m > 0 and memcmp(p + 2, sp, <size_t>m) > 0:
+        kgi += 1
     if kgi > 0xFFFF:
         return None
-    return kgi.to_bytes(2, "big") + sidb
+    t[0] = <uint8_t>(kgi >> 8)
+    t[1] = <uint8_t>(kgi & 0xFF)
+    t[2] = sp[0]
+    t[3] = sp[1]
+    return PyBytes_FromStringAndSize(<const char *>t, 4)
 
 
 cdef size_t map_prefix_len(const uint8_t *k, size_t kl) except? 0:

@@ -1207,7 +1207,7 @@ cdef class LMDBStore:
                 if ks < sidb:
                     target = key[:2] + sidb
                 else:
-                    kgi = int.from_bytes(key[:2], "big") + 1
+                    kgi = (key[0] << 8 | key[1]) + 1  # not int.from_bytes: a zero result trips memcheck (see valgrind supp)
                     if kgi > 0xFFFF:
                         return out
                     target = kgi.to_bytes(2, "big") + sidb
@@ -2458,7 +2458,7 @@ cdef class LMDBKeyScan:
                 if lkey[2:4] < sidb:
                     self.target = lkey[:2] + sidb
                 else:
-                    kgi = int.from_bytes(lkey[:2], "big") + 1
+                    kgi = (lkey[0] << 8 | lkey[1]) + 1  # not int.from_bytes (see above)
                     if kgi > 0xFFFF:
                         self.end_txn()
                         break

@@ -14,6 +14,7 @@ cdef extern from "sc_common.h" nogil:
         SC_ENOMEM
         SC_ECORRUPT
         SC_ETOOBIG
+    void SC_PREFETCH(const void *p)
 
 
 cdef extern from "sc_hash.h" nogil:

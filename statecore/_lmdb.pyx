@@ -67,8 +67,9 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   until then it is empty and every read skips it too).  A key filter (2 bits
   per key, ~``write_buffer_size / 8`` bytes, set by the flush for every base
   record it writes, never cleared) answers "LMDB has no record of this key"
-  without a lookup, so a write of a new key (and a read of a missing one)
-  costs no LMDB access while the filter is not saturated; a false positive (a
+  without a lookup, so a write of a new key costs no LMDB access while the
+  filter is not saturated (reads do not consult it: most read keys exist, and
+  for those the filter's cache miss would come on top of the lookup); a false positive (a
   set bit pair: another key, or a key deleted since) only costs the lookup, so
   counts stay exact.  Past ~``write_buffer_size / 2`` distinct flushed keys the
   filter fills up and writes degrade to the lookup they always did.
@@ -96,7 +97,7 @@ from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport getpid
 
-from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
+from statecore._csrc cimport (SC_OK, SC_PREFETCH, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
                               sc_buf_reserve, sc_entry, sc_entry_key, sc_entry_value, sc_kc_parse, sc_kc_parts,
                               sc_now_ms, sc_table, sc_table_append, sc_table_clone, sc_table_delete,
                               sc_table_delete_entry, sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next,
@@ -582,6 +583,13 @@ cdef inline void kf_add(uint8_t *kf, uint64_t mask, uint32_t h) noexcept nogil:
     cdef uint64_t b = ((<uint64_t>h * 0x9E3779B97F4A7C15ULL) >> 29) & mask
     kf[a >> 3] |= <uint8_t>(1 << (a & 7))
     kf[b >> 3] |= <uint8_t>(1 << (b & 7))
+
+
+cdef inline void kf_prefetch(const uint8_t *kf, uint64_t mask, uint32_t h) noexcept nogil:
+    """Start loading the key filter's bytes for h (a write checks them after probing the buffers:
+    the filter's cache miss then overlaps the buffers' instead of adding to them)."""
+    SC_PREFETCH(&kf[(h & mask) >> 3])
+    SC_PREFETCH(&kf[(((<uint64_t>h * 0x9E3779B97F4A7C15ULL) >> 29) & mask) >> 3])
 
 
 cdef inline bint kf_maybe(const uint8_t *kf, uint64_t mask, uint32_t h) noexcept nogil:
@@ -1653,7 +1661,10 @@ cdef class LMDBStateTable(StateTable):
         return self.s.admit()
 
     cdef int exists(self, const uint8_t *k, size_t kl, uint32_t h) except -1:
-        cdef sc_entry *e = self.s.bfind(k, kl, h)
+        cdef sc_entry *e
+        if self.s.spilled:
+            kf_prefetch(self.s.kf, self.s.kfmask, h)
+        e = self.s.bfind(k, kl, h)
         if e is not NULL:
             return kind(e) != FLAG_TOMB
         if not self.s.spilled:
@@ -1750,9 +1761,8 @@ cdef class LMDBStateTable(StateTable):
                 return 1
         if not s.spilled:
             return 0
-        if not kf_maybe(s.kf, s.kfmask, h):
-            s.kf_skips += 1
-            return 0
+        # No key-filter check here: reads are mostly of keys that exist, and for those the filter's
+        # cache miss (~200 ns on 1M spilled keys, measured) comes on top of the LMDB lookup.
         raw = s.lget(k, kl)
         if raw is None:
             return 0

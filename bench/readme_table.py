@@ -19,7 +19,8 @@ def render(data):
              f"{m['memory_bytes'] / 2**30:.0f} GiB, {m['system']} {m['release']}; Python {v['python']}, "
              f"numpy {v['numpy']}, py-lmdb {v['lmdb']} (LMDB {v['lmdb_library']}), "
              f"rocksdict {v.get('rocksdict') or 'not installed'}. Best of the timed passes; "
-             "`x dict` = ns/op relative to a bare dict on the same workload.", "",
+             "`x dict` = ns/op relative to a bare dict on the same workload; checkpoint rows give "
+             "bytes per second and the bytes one pass moves.", "",
              "| workload | backend | n | ops/s | ns/op | x dict | peak RSS MiB |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in data["results"]:
@@ -27,8 +28,12 @@ def render(data):
             lines.append(f"| {r['workload']} | {r['backend']} | | | | | {r.get('note', r.get('status', ''))} |")
             continue
         ratio = r.get("ratio_to_dict")
-        lines.append(f"| {r['workload']} | {r['backend']} | {r['n']:,} | {r['ops_per_s']:,.0f} | "
-                     f"{r['ns_per_op']:,.0f} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+        if r.get("unit") == "B":  # checkpoint workloads move bytes: throughput, not ops
+            rate, per = f"{r['ops_per_s'] / 1e6:,.1f} MB/s", f"{r['ops'] / 1e6:.1f} MB per pass"
+        else:
+            rate, per = f"{r['ops_per_s']:,.0f}", f"{r['ns_per_op']:,.0f}"
+        lines.append(f"| {r['workload']} | {r['backend']} | {r['n']:,} | {rate} | "
+                     f"{per} | {'-' if ratio is None else f'{ratio:.2f}'} | "
                      f"{r['peak_rss_mib']:.1f} |")
     return "\n".join(lines)
 

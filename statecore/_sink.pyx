@@ -113,7 +113,7 @@ cdef class SnapshotSink:
     cdef int add(self, const uint8_t *k, size_t kl, const uint8_t *uk, size_t ukl, const uint8_t *v, size_t vl,
                  int64_t ts) noexcept nogil:
         cdef int kg, rc
-        cdef size_t need
+        cdef size_t start
         cdef sc_buf *b
         if self.sealed:
             return SINK_SEALED
@@ -135,10 +135,9 @@ cdef class SnapshotSink:
                 self.dropped += 1
                 return 0
         b = &self.bufs[kg - self.kg_start]
-        need = 2 * SC_VARINT_MAX + kl + ukl + vl + 8
-        if sc_buf_reserve(b, need) != SC_OK:
+        if sc_buf_reserve(b, 2 * SC_VARINT_MAX + kl + ukl + vl + 8) != SC_OK:
             return SINK_ENOMEM
-        need = b.len
+        start = b.len
         b.len += sc_varint_put(b.data + b.len, kl + ukl)
         memcpy(b.data + b.len, k, kl)
         b.len += kl
@@ -152,7 +151,7 @@ cdef class SnapshotSink:
         sc_be64_put(b.data + b.len, <uint64_t>ts)
         b.len += 8
         self.counts[kg - self.kg_start] += 1
-        self.held += b.len - need
+        self.held += b.len - start
         if self.spill_at and self.held >= self.spill_at:
             return self.spill()
         return 0

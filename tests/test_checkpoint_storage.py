@@ -522,3 +522,17 @@ def test_writer_repr_and_type():
     assert isinstance(w, CheckpointWriter) and "open" in repr(w)
     w.abort()
     assert "aborted" in repr(w)
+
+
+@pytest.mark.parametrize("number", ["60E509143", "-1e400", "NaN", "Infinity", "-Infinity"])
+def test_metadata_with_non_finite_numbers_is_corrupt(number):
+    """Found by fuzz_metadata: a checkpoint_id of 60E509143 parsed to inf and int() raised OverflowError.
+    The writer never emits non-finite numbers, so the reader refuses them as corruption."""
+    import hashlib
+
+    from statecore.checkpoint.snapshot import CompletedCheckpoint
+    body = ('{"checkpoint_id": %s, "files": [], "format": "native", "key_group_range": [0, 3]}' % number).encode()
+    head = fmt._HEADER.pack(fmt.MAGIC, fmt.FORMAT_VERSION, len(body)) + body
+    raw = head + hashlib.sha256(head).digest()
+    with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
+        CompletedCheckpoint.from_metadata("loc", fmt.decode_metadata(raw, "loc/_metadata"))

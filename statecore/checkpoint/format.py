@@ -22,6 +22,7 @@ with one documented error before it touches any state.
 """
 import hashlib
 import json
+import math
 import struct
 
 from statecore.errors import CorruptCheckpointError
@@ -59,6 +60,18 @@ CHECKSUM_SIZE = 32
 def sha256_hex(data) -> str:
     """Lowercase hex SHA-256 of a bytes-like object (the checksum used for every file)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def _no_constant(name):
+    # Python's json accepts NaN and +-Infinity; the writer never emits them (allow_nan=False).
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1E999: the writer never emits it, and int() of it would overflow
+        raise ValueError(f"number {text[:40]} out of range")
+    return value
 
 
 def encode_metadata(body: dict) -> bytes:
@@ -114,7 +127,8 @@ def decode_metadata(data, where: str) -> dict:
     # Past the checksum a parse error means a writer bug, not bit rot; it is still
     # reported as corruption so the caller has one error type to handle.
     try:
-        body = json.loads(data[HEADER_SIZE:end].decode("utf-8"))
+        body = json.loads(data[HEADER_SIZE:end].decode("utf-8"), parse_constant=_no_constant,
+                          parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: checkpoint metadata body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

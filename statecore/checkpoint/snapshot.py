@@ -65,7 +65,7 @@ class CompletedCheckpoint:
             return cls(checkpoint_id=int(body["checkpoint_id"]), location=location, key_group_range=kgr,
                        size_bytes=int(body.get("size_bytes", full)), full_size_bytes=full, incremental=bool(body.get("incremental", False)),
                        format=str(body["format"]), metadata=body)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CorruptCheckpointError(f"{location}/_metadata: missing or invalid field ({exc})") from None
 
 

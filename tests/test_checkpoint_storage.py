@@ -189,7 +189,7 @@ def test_list_ignores_folders_without_metadata(storage):
     for rel in ["chk-2-0/d", "chk-3-0/_metadata.tmp-1-abcd", "not-a-chk/_metadata", "chk-x-0/_metadata"]:
         path = st._normjoin(store, op_dir, rel)
         store.makedirs(path.rsplit("/", 1)[0])
-        store.write(path, memoryview(b"junk"))
+        store.write(path, [memoryview(b"junk")])
     assert storage.list_checkpoints("job", "op") == [good]
 
 

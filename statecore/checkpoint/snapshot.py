@@ -189,7 +189,8 @@ class _Cut:
         in its working directory, so a checkpoint's memory stays bounded.
         """
         sink = SnapshotSink(self.kgr.start, self.kgr.end, self.spill_dir, self.spill_bytes)
-        second = None if self.spill_bytes else SnapshotSink(self.kgr.start, self.kgr.end)
+        parallel = self.delta is None and not self.spill_bytes
+        second = SnapshotSink(self.kgr.start, self.kgr.end) if parallel else None
         sinks = [sink] if second is None else [sink, second]
         states = []
         if self.delta is not None:
@@ -389,7 +390,6 @@ def restore(backend, checkpoints, **kwargs):
     if not completed:
         raise ValueError("restore needs at least one checkpoint (or use create_keyed_state_backend)")
     kb = backend.create_keyed_state_backend(**kwargs)
-    maps = []  # data files, memory-mapped (or spooled to a temp file and mapped): read via the page cache
     spool_dir = getattr(kb, "db_dir", None)
     try:
         mine = kb.key_group_range
@@ -411,8 +411,8 @@ def restore(backend, checkpoints, **kwargs):
                 if not wanted:
                     continue
                 where = f"{c.location}/{f['path']}"
+                # Mapped (or spooled to a temp file and mapped): read through the page cache.
                 data = stg.read_mapped(c.location, f["path"], expected_len=f["length"], spool_dir=spool_dir)
-                maps.append(data)
                 fmt.verify_file(data, f["length"], f["sha256"], where)
                 if data[:len(DATA_MAGIC)] != DATA_MAGIC:
                     raise CorruptCheckpointError(f"{where}: not a statecore data file (bad magic)")

@@ -238,6 +238,7 @@ def _join(base, *parts):
 # ---------------------------------------------------------------------------
 # stores: the primitive operations per kind of location.  Paths are store-internal
 # (an absolute OS path, an fsspec path, or a registry key); locations are strings.
+# ``write``/``put_atomic`` take a payload: a list of byte views (see _as_payload).
 
 class _LocalStore:
     """Plain paths and file://: os calls directly, because fsspec's local transactions
@@ -265,7 +266,6 @@ class _LocalStore:
     def write(self, path, payload, exclusive=False):
         """Write the payload's views, fsync, close; on any failure unlink the partial file and re-raise."""
         _event("write", path)
-        payload = _as_payload(payload)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC) | getattr(os, "O_CLOEXEC", 0)
         fd = os.open(path, flags, 0o644)
         try:
@@ -434,7 +434,6 @@ class _FsspecStore:
     @_as_oserror
     def write(self, path, payload, exclusive=False):
         _event("write", path)
-        payload = _as_payload(payload)
         if self.memory:
             # MemoryFileSystem commits a file at open(); pipe_file stores the whole
             # value in one step, so no reader ever sees a partial object.
@@ -600,7 +599,6 @@ class _JobManagerStore:
 
     def write(self, path, payload, exclusive=False):
         _event("write", path)
-        payload = _as_payload(payload)
         data = _joined(payload)
         with self.lock:
             if exclusive and path in self.files:
@@ -1123,21 +1121,15 @@ def read_mapped(location, relpath, *, expected_len, spool_dir=None):
     size (capped as read_file caps it); verify it with format.verify_file before
     use.  Errors as :func:`read_file`.
     """
-    where = _join(location, relpath) if isinstance(relpath, str) else location
-    _check_relpath(relpath, where)
-    store, dirpath = _resolve(location)
-    path = _normjoin(store, dirpath, relpath)
     limit = int(expected_len) + 1
-    try:
+
+    def read(store, path):
         if store is _LOCAL:
             return _map_local(path)
         if isinstance(store, _FsspecStore) and not store.memory:
             return store.spool(path, limit, spool_dir)
         return store.read(path, limit)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise CorruptCheckpointError(f"{where}: missing checkpoint file") from None
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read checkpoint file: {e}") from e
+    return _read_checkpoint_file(location, relpath, read)
 
 
 def _map_local(path):
@@ -1181,16 +1173,22 @@ def read_file(location, relpath, *, expected_len=None):
     Missing -> CorruptCheckpointError naming the file; other I/O errors -> CheckpointError.
     The bytes are NOT verified here: call format.verify_file before using them.
     """
-    where = _join(location, relpath) if isinstance(relpath, str) else location
-    _check_relpath(relpath, where)
-    store, dirpath = _resolve(location)
-    path = _normjoin(store, dirpath, relpath)
-    try:
+    def read(store, path):
         if expected_len is None:
             if store is not _LOCAL:
                 store.size(path)  # raises IsADirectoryError for folders on every store
             return store.read(path)
         return store.read(path, int(expected_len) + 1)
+    return _read_checkpoint_file(location, relpath, read)
+
+
+def _read_checkpoint_file(location, relpath, read):
+    """``read(store, path)`` of a checkpoint file, with relpath checked and errors mapped as read_file says."""
+    where = _join(location, relpath) if isinstance(relpath, str) else location
+    _check_relpath(relpath, where)
+    store, dirpath = _resolve(location)
+    try:
+        return read(store, _normjoin(store, dirpath, relpath))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise CorruptCheckpointError(f"{where}: missing checkpoint file") from None
     except OSError as e:

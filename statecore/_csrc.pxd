@@ -83,6 +83,7 @@ cdef extern from "sc_table.h" nogil:
     void sc_table_free(sc_table *t)
     void sc_table_clear(sc_table *t)
     sc_status sc_table_reserve(sc_table *t, size_t n)
+    void sc_table_prefault(sc_table *t) nogil
     sc_entry *sc_table_find(const sc_table *t, const uint8_t *key, size_t klen, uint32_t hash)
     sc_status sc_table_put(sc_table *t, const uint8_t *key, size_t klen, uint32_t hash,
                            const uint8_t *val, size_t vlen, int64_t ts, sc_entry **out)

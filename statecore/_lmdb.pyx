@@ -135,6 +135,8 @@ cdef enum:
     MT_FLUSHING = 1
     MT_DONE = 2
     MT_FAILED = 3            # its flush failed: kept (with its progress) until a retry succeeds
+    PREFETCH_AHEAD = 16      # batch loops prefetch the slot of the key this many ahead: about the misses a
+                             # core keeps in flight (prefetching a whole block at once overflows them)
     CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
     SORT_RUN = 8192          # a flush sorts its buffer in runs of this many entries (then merges them)
 
@@ -1840,9 +1842,11 @@ cdef class LMDBStateTable(StateTable):
             return 0
         self.wenter(keys, kl)
         s.wgen += 1
-        for j in range(m):
+        for j in range(min(m, PREFETCH_AHEAD)):
             sc_table_prefetch(s.buf, hs[j])
         for j in range(m):
+            if j + PREFETCH_AHEAD < m:
+                sc_table_prefetch(s.buf, hs[j + PREFETCH_AHEAD])
             k = keys + j * kw
             e = sc_table_find(s.buf, k, kl, hs[j])
             if e is not NULL and e.vlen == vl and kind(e) == FLAG_PUT and not self.lbit:
@@ -1865,9 +1869,11 @@ cdef class LMDBStateTable(StateTable):
         if m <= 0:
             return 0
         self.enter(keys, kl)
-        for j in range(m):
+        for j in range(min(m, PREFETCH_AHEAD)):
             sc_table_prefetch(s.buf, hs[j])
         for j in range(m):
+            if j + PREFETCH_AHEAD < m:
+                sc_table_prefetch(s.buf, hs[j + PREFETCH_AHEAD])
             k = keys + j * kw
             e = NULL if self.lbit else sc_table_find(s.buf, k, kl, hs[j])
             if e is not NULL:

@@ -54,7 +54,9 @@ cdef object _MISSING = object()
 cdef uint64_t SIGN = 0x8000000000000000ULL
 
 cdef enum:
-    BATCH_BLOCK = 256  # keys per StateTable.put_batch/get_batch call of the ValueState batch fast path
+    BATCH_BLOCK = 256  # keys per block (and StateTable.put_batch/get_batch call) of the ValueState batch paths
+    PREFETCH_AHEAD = 16  # batch loops prefetch the slot of the key this many ahead: about the misses a core
+                         # keeps in flight (prefetching a whole block at once overflows them)
 
 
 
@@ -116,7 +118,8 @@ cdef bint valid_list_blob(const uint8_t *p, const uint8_t *end) noexcept nogil:
 
 
 cdef enum:
-    LOAD_BLOCK = 32  # records parsed, hashed and prefetched before any of them is inserted (restore)
+    LOAD_BLOCK = 256  # records parsed and hashed before any of them is inserted (restore); the inserts
+                      # prefetch PREFETCH_AHEAD records ahead
 
 
 def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, Py_ssize_t length, int kg,
@@ -127,8 +130,9 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     Every record is checked (bounds, key group, state id) and a malformed one
     raises ``CorruptCheckpointError`` naming ``where``.  Returns the record count.
     Records are taken in blocks of one state: the block's keys are re-labelled
-    with the new state id and hashed, and their table slots prefetched, before
-    any is inserted, so the cache misses of a large restore overlap.
+    with the new state id and hashed before any is inserted, and each insert
+    prefetches the slot of the record PREFETCH_AHEAD places later, so the cache
+    misses of a large restore overlap.
     """
     cdef const uint8_t *p
     cdef const uint8_t *rec
@@ -203,9 +207,12 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
         if layout != LAYOUT_MAP:
             for j in range(m):
                 hs[j] = sc_table_hash(kbuf.data + koffs[j], kls[j])
+            for j in range(min(m, PREFETCH_AHEAD)):
                 table.prefetch(hs[j])
         # Pass 2: check and insert.
         for j in range(m):
+            if layout != LAYOUT_MAP and j + PREFETCH_AHEAD < m:
+                table.prefetch(hs[j + PREFETCH_AHEAD])
             key = kbuf.data + koffs[j]
             kl = kls[j]
             v = vs[j]
@@ -991,7 +998,7 @@ cdef class ValueState(State):
         cdef const int64_t[::1] iv
         cdef uint16_t *kgs = NULL
         cdef uint8_t *blk = NULL
-        cdef uint32_t hs[64]
+        cdef uint32_t hs[BATCH_BLOCK]
         cdef size_t kw = self.fast_key_width(), kl = 0
         cdef bint auto = self.backend.key_serializer.kind == KIND_AUTO
         cdef uint8_t vb[8]
@@ -1004,19 +1011,22 @@ cdef class ValueState(State):
             fv = values
         else:
             iv = values
-        self.batch_scratch(keys, kw, 64, &kgs, &blk)
+        self.batch_scratch(keys, kw, BATCH_BLOCK, &kgs, &blk)
         try:
             with nogil:
                 base = 0
                 while base < n and st == SC_OK:
-                    m = min(64, n - base)
-                    # Pass 1: build and hash a block of keys, prefetching their slots...
+                    m = min(BATCH_BLOCK, n - base)
+                    # Pass 1: build and hash a block of keys...
                     for j in range(m):
                         kl = self.build_fast_key(blk + j * kw, keys[base + j], kgs[base + j], auto)
                         hs[j] = sc_table_hash(blk + j * kw, kl)
+                    # ...pass 2: probe, prefetching PREFETCH_AHEAD keys ahead so the cache misses overlap.
+                    for j in range(min(m, PREFETCH_AHEAD)):
                         sc_table_prefetch(t, hs[j])
-                    # ...pass 2: probe, so the cache misses of the block overlap.
                     for j in range(m):
+                        if j + PREFETCH_AHEAD < m:
+                            sc_table_prefetch(t, hs[j + PREFETCH_AHEAD])
                         i = base + j
                         if kind == KIND_FLOAT64:
                             memcpy(&bits, &fv[i], 8)
@@ -1040,7 +1050,7 @@ cdef class ValueState(State):
         cdef sc_table *t = (<HeapStateTable>self.table).t
         cdef uint16_t *kgs = NULL
         cdef uint8_t *blk = NULL
-        cdef uint32_t hs[64]
+        cdef uint32_t hs[BATCH_BLOCK]
         cdef size_t kw = self.fast_key_width(), kl = 0
         cdef bint auto = self.backend.key_serializer.kind == KIND_AUTO
         cdef bint has_fill = fill is not None
@@ -1069,17 +1079,20 @@ cdef class ValueState(State):
             return out
         if ttl:
             now = self.backend.now()
-        self.batch_scratch(keys, kw, 64, &kgs, &blk)
+        self.batch_scratch(keys, kw, BATCH_BLOCK, &kgs, &blk)
         try:
             with nogil:
                 base = 0
                 while base < n and not corrupt:
-                    m = min(64, n - base)
+                    m = min(BATCH_BLOCK, n - base)
                     for j in range(m):
                         kl = self.build_fast_key(blk + j * kw, keys[base + j], kgs[base + j], auto)
                         hs[j] = sc_table_hash(blk + j * kw, kl)
+                    for j in range(min(m, PREFETCH_AHEAD)):
                         sc_table_prefetch(t, hs[j])
                     for j in range(m):
+                        if j + PREFETCH_AHEAD < m:
+                            sc_table_prefetch(t, hs[j + PREFETCH_AHEAD])
                         i = base + j
                         e = sc_table_find(t, blk + j * kw, kl, hs[j])
                         if e is not NULL and e.vlen != 8:

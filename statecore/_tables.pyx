@@ -11,13 +11,14 @@ table (``snapshot_table`` with the heap's two-thread split, ``consistent_copy``)
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from statecore._csrc cimport (SC_OK, sc_buf, sc_entry, sc_kc_parse, sc_kc_parts, sc_table_hash, sc_table_slot, sc_entry_inner, sc_entry_key, sc_entry_value, sc_status,
                               sc_table, sc_table_append, sc_table_bytes_deep, sc_table_clone, sc_table_count_deep,
                               sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find,
-                              sc_table_free, sc_table_get_inner, sc_table_new, sc_table_next, sc_table_prefetch,
-                              sc_table_put, sc_table_reserve, sc_ttl_expired)
+                              sc_table_free, sc_table_get_inner, sc_table_new, sc_table_next, sc_table_prefault,
+                              sc_table_prefetch, sc_table_put, sc_table_reserve, sc_ttl_expired)
 from statecore._records cimport append_record, as_bytes, read_record, restamp_blob
 from statecore._sink cimport LAYOUT_LIST, LAYOUT_MAP, LAYOUT_VALUE, SnapshotSink
 from statecore._status cimport check
@@ -469,6 +470,26 @@ def snapshot_table(StateTable table, SnapshotSink sink, SnapshotSink second=None
 def reserve_entries(StateTable table, size_t n):
     """Hint that about n entries are about to be restored into ``table``."""
     table.reserve(n)
+
+
+def prefault_tables(tables):
+    """Fault in the slot arrays of the heap tables among ``tables`` (presized by reserve_entries), with
+    the GIL released: restore runs it on a thread while it verifies the files' checksums, so the
+    kernel zeroes the new arrays' pages in parallel instead of on the first insert into each page.
+    Contents do not change; other tables are skipped.  No other thread may use the tables meanwhile."""
+    cdef list heap = [t for t in tables if type(t) is HeapStateTable]
+    cdef Py_ssize_t i, n = len(heap)
+    cdef sc_table **ts = <sc_table **>malloc(max(n, 1) * sizeof(sc_table *))
+    if ts is NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            ts[i] = (<HeapStateTable>heap[i]).t
+        with nogil:
+            for i in range(n):
+                sc_table_prefault(ts[i])
+    finally:
+        free(ts)
 
 
 def table_entries(StateTable table):

@@ -180,6 +180,21 @@ cdef object debug_fault():
         _FAULTS = None
     return f[2]
 
+
+# Test hook (never set in production): the crash test's kill points in the flush path, see _set_crash_hook.
+cdef object _crash_hook = None
+cdef bint _crash_armed = False
+
+
+def _set_crash_hook(hook):
+    """Tests only (tests/crash_writer.py): call ``hook(event)`` in the flush thread at ``"wb.spill"`` (a write
+    buffer's flush starts) and ``"lmdb.commit"`` (right before each LMDB write-transaction commit of a flush).
+    ``None`` clears it.  Returns the previous hook."""
+    global _crash_hook, _crash_armed
+    previous, _crash_hook = _crash_hook, hook
+    _crash_armed = hook is not None
+    return previous
+
 class LMDBFlushError(StateError):
     """A flush of the write buffers to LMDB (or a read of the LMDB environment) failed; the message names the
     directory and what to do.  Not sticky: see ``LMDBStore.flush`` for the retry rules."""
@@ -1400,6 +1415,8 @@ cdef class LMDBStore:
         cdef int kd, dr, stopped
         cdef int64_t tid
         cdef uint8_t seqb[8]
+        if _crash_armed:
+            _crash_hook("wb.spill")
         if m.arr is NULL:
             n = m.t.count
             if n == 0:
@@ -1491,6 +1508,8 @@ cdef class LMDBStore:
                 tid = txn.id()
                 if _FAULTS is not None:
                     self.inject_fault(txn, m, tid, end)
+                if _crash_armed:
+                    _crash_hook("lmdb.commit")
                 try:
                     txn.commit()
                 except lmdb.PanicError:

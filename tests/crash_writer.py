@@ -6,17 +6,26 @@ anything the child says beyond ``ACK <checkpoint_id> <op_index>``.
 
     python crash_writer.py '<json config>'
 
-Config keys: ``backend`` (hashmap | lmdb), ``ckpt_dir``, ``db_dir``, ``seed``,
-``resume_id`` (0 = start empty) and ``resume_location``, ``num_retained``.
+Config keys: ``backend`` (hashmap | lmdb), ``ckpt_dir`` (a local path or an
+``s3://`` URI), ``storage_options`` (optional: the fsspec options of ``ckpt_dir``,
+e.g. the moto endpoint), ``db_dir``, ``seed``, ``resume_id`` (0 = start empty)
+and ``resume_location``, ``num_retained``.
 
 Environment (whitebox kills and power-loss tracking, through
-``statecore.checkpoint.storage.set_io_hook``):
+``statecore.checkpoint.storage.set_io_hook`` and, on the LMDB tier, the test-only
+``statecore._lmdb._set_crash_hook``):
 
 * ``STATECORE_CRASH_KILL="<event>:<path substring>:<n>"``: SIGKILL this process
-  at the n-th I/O event ``<event>`` (write, fsync, dirsync, publish, delete)
-  whose path contains the substring.
-* ``STATECORE_CRASH_IOLOG=<file>``: append ``<event>\\t<path>`` for every I/O
-  event (before any kill), so the parent can emulate a power loss.
+  (from the thread that reaches the event) at the n-th event ``<event>`` whose
+  path contains the substring.  Storage I/O events: write, written, fsync,
+  dirsync, publish, delete (storage.py; object stores emit only write, publish,
+  delete).  LMDB flush events (path: the ``db_dir``; armed only after READY, so
+  flushes of the restore never count): ``wb.spill`` (a write buffer's flush
+  starts, in the flush thread) and ``lmdb.commit`` (right before an LMDB write
+  transaction of a flush commits).
+* ``STATECORE_CRASH_IOLOG=<file>``: append ``<event>\\t<path>`` for every such
+  event (before any kill), so the parent can confirm where the child died and
+  emulate a power loss.
 
 Output (stdout, one line each, flushed): ``READY <op_index>`` after start-up,
 ``BEGIN <id>`` before each checkpoint, ``ACK <id> <op_index>`` after it
@@ -27,6 +36,7 @@ import os
 import random
 import signal
 import sys
+import threading
 
 KEYS = 2000
 USER_KEYS = 24
@@ -134,9 +144,9 @@ def canonical_backend(kb):
     return out
 
 
-def make_backend(backend, ckpt_dir, db_dir, num_retained):
+def make_backend(backend, ckpt_dir, db_dir, num_retained, storage_options=None):
     import statecore as sc
-    storage = sc.FileSystemCheckpointStorage(ckpt_dir)
+    storage = sc.FileSystemCheckpointStorage(ckpt_dir, storage_options=storage_options)
     if backend == "hashmap":
         b = sc.HashMapStateBackend()
         b.checkpoint_storage = storage
@@ -150,31 +160,45 @@ def make_backend(backend, ckpt_dir, db_dir, num_retained):
 
 
 def _install_io_hook():
+    """Install the storage I/O hook; returns it (``hook(event, path)``) or None when nothing is asked for."""
     spec = os.environ.get("STATECORE_CRASH_KILL")
     log_path = os.environ.get("STATECORE_CRASH_IOLOG")
     if not spec and not log_path:
-        return
+        return None
     from statecore.checkpoint.storage import set_io_hook
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if log_path else None
     kill_event = kill_sub = None
     if spec:
         kill_event, kill_sub, n = spec.split(":")
         remaining = [int(n)]
+    # Events come from several threads (caller, async checkpoint, LMDB flush): one at a time, so the event
+    # that kills is the log's last line (os.write releases the GIL; without the lock another thread could
+    # log an event between the fatal one and the kill).
+    lock = threading.Lock()
 
     def hook(event, path):
-        if log_fd is not None:
-            os.write(log_fd, f"{event}\t{path}\n".encode())  # one write(2) with O_APPEND: survives SIGKILL
-        if event == kill_event and kill_sub in path:
-            remaining[0] -= 1
-            if remaining[0] <= 0:
-                os.kill(os.getpid(), signal.SIGKILL)
+        with lock:
+            if log_fd is not None:
+                os.write(log_fd, f"{event}\t{path}\n".encode())  # one write(2) with O_APPEND: survives SIGKILL
+            if event == kill_event and kill_sub in path:
+                remaining[0] -= 1
+                if remaining[0] <= 0:
+                    os.kill(os.getpid(), signal.SIGKILL)  # from the thread that reached the point
     set_io_hook(hook)
+    return hook
+
+
+def _arm_lmdb_hook(hook, db_dir):
+    """Route the LMDB tier's flush events (wb.spill, lmdb.commit) to ``hook`` with the working directory as path."""
+    from statecore import _lmdb
+    _lmdb._set_crash_hook(lambda event: hook(event, db_dir))
 
 
 def main(cfg):
-    _install_io_hook()
+    hook = _install_io_hook()
     seed = cfg["seed"]
-    backend = make_backend(cfg["backend"], cfg["ckpt_dir"], cfg["db_dir"], cfg["num_retained"])
+    backend = make_backend(cfg["backend"], cfg["ckpt_dir"], cfg["db_dir"], cfg["num_retained"],
+                           cfg.get("storage_options"))
     schedule = checkpoint_ops(seed)
     resume_id = cfg["resume_id"]
     if resume_id:
@@ -190,6 +214,9 @@ def main(cfg):
     out = sys.stdout
     out.write(f"READY {start}\n")
     out.flush()
+    if hook is not None and cfg["backend"] == "lmdb":
+        # After READY: a kill in a flush of the restore would look like a child that failed to start.
+        _arm_lmdb_hook(hook, cfg["db_dir"])
     next_id = resume_id + 1
     next_at = schedule[next_id - 1] if next_id <= len(schedule) else None
     for i, (kind, key, a, b) in enumerate(op_stream(seed)):

@@ -8,7 +8,10 @@ after a random delay (blackbox) or through a whitebox kill point the child arms 
 ``statecore.checkpoint.storage.set_io_hook`` (before the data file is written, after
 it is written but before its fsync, after it is fsynced, at either directory fsync, before the metadata temp file is written,
 after it is fsynced, right after ``_metadata`` is published, before a retention
-delete).  After every kill the parent checks EVERY ``chk-*`` folder on storage:
+delete) and, on the LMDB tier, with the test-only ``statecore._lmdb._set_crash_hook``
+(``wb.spill``: a write buffer's flush starts; ``lmdb.commit``: right before a flush's
+LMDB write transaction commits; both in the flush thread, which kills the process).
+After every kill the parent checks EVERY ``chk-*`` folder on storage:
 
 * a folder ``load_checkpoint`` accepts is in ``list_checkpoints`` and restores to
   exactly ``replay(seed, op_index)`` for its id (ids map to op indices through the
@@ -36,13 +39,21 @@ point was hit at least ``KILL_POINT_QUOTA`` (10) times per backend, and prints t
 hits, attempts and misses per point (plus where the ``dirsync`` kills landed: before
 publishing, after publishing, or in a retention delete).
 
+Configurations (``CONFIGS``): heap + local disk (8 storage points), LMDB + local disk
+(the same 8 + ``wb.spill`` + ``lmdb.commit``) and LMDB + S3 (``s3://`` on moto's
+ThreadedMotoServer on 127.0.0.1, the conftest ``s3_server``/``s3_options`` fixtures;
+the 4 storage points the object store emits, see ``S3_KILL_POINTS`` for the excluded
+ones and why, + the 2 LMDB points; no power-loss emulation, see ``Config.power_loss``).
+
 Negative control: with ``STATECORE_DEBUG_SKIP_FSYNC=1`` (storage.py) the same
 power-loss emulation must make the harness report a lost acknowledged checkpoint.
 
-CI: 2 backends x 100 cycles (20 blackbox, 80 whitebox = 10 per named point), ~30 s per
-backend; ``STATECORE_SOAK=1``: 2 x 1,000 cycles (~114 kills per named point);
-``STATECORE_CRASH_CYCLES=N`` overrides the number of cycles per backend (e.g. the
-plan's 10,000 for a long soak).
+CI: per configuration just enough cycles for 10 whitebox attempts per named point
+(1 in 5 cycles is blackbox): heap+file 100, lmdb+file 125, lmdb+s3 75 cycles; about
+35 s, 50 s and 80 s on the 2-core box (S3 cycles are slower: s3fs start-up in every
+child, HTTP to moto); 3 minutes with the negative control.  ``STATECORE_SOAK=1``:
+1,000 cycles per configuration (~30 minutes); ``STATECORE_CRASH_CYCLES=N`` overrides
+the number of cycles per configuration (e.g. the plan's 10,000 for a long soak).
 """
 import json
 import os
@@ -59,13 +70,15 @@ import pytest
 
 import statecore as sc
 from statecore import CorruptCheckpointError
+from statecore.checkpoint import storage as stg
 
 import crash_writer as cw
 
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sc.__file__)))
 WRITER = os.path.abspath(cw.__file__)
 SOAK = os.environ.get("STATECORE_SOAK") == "1"
-CYCLES_PER_BACKEND = int(os.environ.get("STATECORE_CRASH_CYCLES") or (1000 if SOAK else 100))
+CYCLES_OVERRIDE = int(os.environ.get("STATECORE_CRASH_CYCLES") or 0)   # cycles per configuration, if set
+SOAK_CYCLES = 1000
 NUM_RETAINED = 2
 MAX_RESTARTS_PER_SEED = 10
 POWER_LOSS_EVERY = 3           # every 3rd cycle also emulates a power loss
@@ -76,7 +89,8 @@ BLACKBOX_DELAY = (0.02, 0.4)   # seconds after READY
 WHITEBOX_TIMEOUT = 8.0         # a kill point not reached by then: killed by the timer instead
 START_TIMEOUT = 60.0
 
-# (event, path substring) of the whitebox kill points; n-th occurrence drawn per cycle.
+# (event, path substring) of the whitebox kill points; n-th occurrence drawn per cycle.  Storage I/O
+# events (statecore.checkpoint.storage.set_io_hook) of the local-disk store:
 KILL_POINTS = [
     ("write", "data.sckd"),        # before the data file is written
     ("written", "data.sckd"),      # data file written, NOT fsynced: power loss may cut it
@@ -87,6 +101,64 @@ KILL_POINTS = [
     ("publish", "_metadata"),      # _metadata visible, directory not yet fsynced, checkpoint not returned
     ("delete", "chk-"),            # retention: before an older checkpoint is deleted
 ]
+# The LMDB tier's flush path (statecore._lmdb._set_crash_hook, test-only; the child arms it after READY).
+# Both run in the flush thread, which kills the process itself; the path is the child's db_dir, so "" matches.
+LMDB_KILL_POINTS = [
+    ("wb.spill", ""),              # a frozen write buffer's flush starts (nothing of it in LMDB yet)
+    ("lmdb.commit", ""),           # right before the LMDB write transaction of a flush commits
+]
+# The S3 store (storage._FsspecStore) emits only write (before each PUT), publish (after the _metadata PUT
+# completed) and delete (before a retention delete).  Excluded there, because they cannot occur on S3:
+#   written:data.sckd     there is no "written, not yet fsynced" state: a PUT is durable when it completes
+#   fsync:data.sckd       no fsync on an object store (the completed PUT is the durability point)
+#   dirsync:chk-          no directories to fsync (_FsspecStore.sync_dirs is a no-op)
+#   write/fsync:_metadata.tmp   no temp file: _metadata is ONE conditional PUT (If-None-Match), so its
+#                         "before the metadata is written" point is write:_metadata instead
+S3_KILL_POINTS = [
+    ("write", "data.sckd"),        # before a data PUT (the earlier ones of this checkpoint completed)
+    ("write", "_metadata"),        # data complete, before the _metadata PUT (nothing published)
+    ("publish", "_metadata"),      # _metadata PUT completed (committed), checkpoint not returned
+    ("delete", "chk-"),            # retention: before an older checkpoint is deleted
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of the crash test: working-state backend x checkpoint storage."""
+    name: str               # test id
+    backend: str            # "hashmap" | "lmdb"
+    storage: str            # "file" | "s3" (moto's ThreadedMotoServer on 127.0.0.1, conftest.s3_server)
+    kill_points: tuple
+    seed: int
+
+    @property
+    def power_loss(self):
+        # T1b applies to local disk only.  On S3 nothing is durable "in the client": a PUT is acknowledged once
+        # the server stored the object, the storage never fsyncs or renames (no fsync/dirsync events to track),
+        # and the server (moto, in the parent) is not what loses power.  So kills still happen, power loss not.
+        return self.storage == "file"
+
+    @property
+    def cycles(self):
+        """Cycles per run: STATECORE_CRASH_CYCLES, else 1,000 in soak, else just enough that the main loop
+        gives every named point KILL_POINT_QUOTA whitebox attempts (top-up cycles cover the misses)."""
+        if CYCLES_OVERRIDE:
+            return CYCLES_OVERRIDE
+        if SOAK:
+            return SOAK_CYCLES
+        return -(-len(self.kill_points) * KILL_POINT_QUOTA * BLACKBOX_EVERY // (BLACKBOX_EVERY - 1))
+
+
+CONFIGS = [
+    Config("hashmap", "hashmap", "file", tuple(KILL_POINTS), seed=17),
+    Config("lmdb", "lmdb", "file", tuple(KILL_POINTS + LMDB_KILL_POINTS), seed=29),
+    Config("lmdb-s3", "lmdb", "s3", tuple(S3_KILL_POINTS + LMDB_KILL_POINTS), seed=41),
+]
+
+
+def point_name(point):
+    event, sub = point
+    return f"{event}:{sub}" if sub else event
 
 
 @dataclass
@@ -95,6 +167,8 @@ class Chain:
     backend: str
     root: str
     seed: int
+    ckpt_uri: str = ""                               # default: <root>/ckpt on local disk
+    storage_options: dict = field(default_factory=dict)
     acked: dict = field(default_factory=dict)   # checkpoint id -> op index, from ACK lines
     resume_id: int = 0
     resume_location: str = ""
@@ -102,9 +176,12 @@ class Chain:
     committed: int = 0    # committed folders after the last verification
     done: bool = False
 
-    @property
-    def ckpt_dir(self):
-        return os.path.join(self.root, "ckpt")
+    def __post_init__(self):
+        if not self.ckpt_uri:
+            self.ckpt_uri = os.path.join(self.root, "ckpt")
+
+    def storage(self):
+        return sc.FileSystemCheckpointStorage(self.ckpt_uri, storage_options=self.storage_options or None)
 
     @property
     def db_dir(self):
@@ -175,9 +252,9 @@ def oracle(seed, op_indices):
     return {i: r.dump(i) for i in sorted(set(op_indices))}
 
 
-def restore_dump(backend, location):
+def restore_dump(chain, location):
     """Canonical dump of a restore of ``location`` into a fresh backend of the same type (in this process)."""
-    b = cw.make_backend(backend, os.path.join(os.path.dirname(location), "unused"), None, NUM_RETAINED)
+    b = cw.make_backend(chain.backend, os.path.join(chain.root, "unused"), None, NUM_RETAINED)
     kb = b.restore_keyed_state_backend([location], max_parallelism=128, job_id=cw.JOB, operator_id=cw.OPERATOR)
     try:
         return cw.canonical_backend(kb)
@@ -237,15 +314,18 @@ def emulate_power_loss(log_path, rng):
 
 def verify(chain, report, *, power_loss, acked_now):
     """Check every chk-* folder of the chain's storage against the oracle; set the resume point."""
-    storage = sc.FileSystemCheckpointStorage(chain.ckpt_dir)
-    op_dir = os.path.join(chain.ckpt_dir, cw.JOB, cw.OPERATOR)
+    storage = chain.storage()
     committed = set(storage.list_checkpoints(cw.JOB, cw.OPERATOR))
     schedule = cw.checkpoint_ops(chain.seed)
+    # Every chk-* folder (committed or not), listed through the storage's own store: a local directory or,
+    # on S3, the common prefixes under the operator's location.
+    op_location = storage._operator_location(cw.JOB, cw.OPERATOR)
+    store, op_path = storage._resolve(op_location)
     folders = []
-    for name in os.listdir(op_dir) if os.path.isdir(op_dir) else []:
+    for name in store.listdir(op_path):
         if name.startswith("chk-"):
             cid = int(name.split("-")[1])
-            folders.append((cid, os.path.join(op_dir, name)))
+            folders.append((cid, stg._join(op_location, name)))
     folders.sort()
     expected = oracle(chain.seed, [schedule[cid - 1] for cid, _ in folders])
     valid = []
@@ -258,7 +338,7 @@ def verify(chain, report, *, power_loss, acked_now):
                 report.fail(f"{what} load_checkpoint accepted a folder list_checkpoints does not list")
             if completed.checkpoint_id != cid:
                 report.fail(f"{what} metadata says checkpoint {completed.checkpoint_id}")
-            got = restore_dump(chain.backend, loc)
+            got = restore_dump(chain, loc)
         except CorruptCheckpointError:
             report.rejected += 1
             if cid in chain.acked and loc in committed:
@@ -315,7 +395,7 @@ def confirm_kill_point(events, point, n):
 
     The child's hook logs every event before it acts on it, so a kill at the point leaves a log
     whose last event is that point, with exactly n events matching it."""
-    event, sub = point
+    event, sub = point  # sub "" (the LMDB points) matches any path
     matching = sum(1 for ev, path in events if ev == event and sub in path)
     if not events or events[-1][0] != event or sub not in events[-1][1]:
         return f"died elsewhere ({matching}/{n} reached)"
@@ -353,9 +433,10 @@ def run_cycle(chain, report, rng, cycle, *, point, power_loss, extra_env=None):
     if not blackbox:
         n = rng.randint(1, 8)
         env["STATECORE_CRASH_KILL"] = f"{point[0]}:{point[1]}:{n}"
-        report.kill_attempts[":".join(point)] += 1
-    cfg = {"backend": chain.backend, "ckpt_dir": chain.ckpt_dir, "db_dir": chain.db_dir, "seed": chain.seed,
-           "resume_id": chain.resume_id, "resume_location": chain.resume_location, "num_retained": NUM_RETAINED}
+        report.kill_attempts[point_name(point)] += 1
+    cfg = {"backend": chain.backend, "ckpt_dir": chain.ckpt_uri, "storage_options": chain.storage_options,
+           "db_dir": chain.db_dir, "seed": chain.seed, "resume_id": chain.resume_id,
+           "resume_location": chain.resume_location, "num_retained": NUM_RETAINED}
     stderr_path = os.path.join(chain.root, f"stderr-{cycle}.txt")
     with open(stderr_path, "wb") as err:
         p = subprocess.Popen([sys.executable, WRITER, json.dumps(cfg)], cwd=chain.root, env=env,
@@ -401,7 +482,7 @@ def run_cycle(chain, report, rng, cycle, *, point, power_loss, extra_env=None):
                 report.fail(f"{what} ACK {cid} at op {op}, schedule says {schedule[cid - 1]}")
         if parts:
             last = parts[0]
-    name = "blackbox" if blackbox else ":".join(point)
+    name = "blackbox" if blackbox else point_name(point)
     if p.returncode == 0 and last == "DONE":
         report.completed_streams += 1
         chain.done = True
@@ -435,39 +516,47 @@ def run_cycle(chain, report, rng, cycle, *, point, power_loss, extra_env=None):
     chain.restarts += 1
 
 
-def run_harness(backend, tmp_path, cycles, seed, *, extra_env=None, stop_on_failure=False, power_loss_every=None,
-                quota=0):
-    """``cycles`` kill cycles: every BLACKBOX_EVERY-th blackbox, the others whitebox, round-robin over
-    KILL_POINTS.  Then, while a named point has fewer than ``quota`` confirmed hits, extra whitebox
-    cycles at it (at most TOPUP_ATTEMPTS_PER_HIT per missing hit, so an unreachable point fails
-    the quota check instead of looping)."""
+def run_harness(config, tmp_path, cycles, *, seed=None, s3=None, extra_env=None, stop_on_failure=False,
+                power_loss_every=None, quota=0):
+    """``cycles`` kill cycles of ``config``: every BLACKBOX_EVERY-th blackbox, the others whitebox,
+    round-robin over ``config.kill_points``.  Then, while a named point has fewer than ``quota``
+    confirmed hits, extra whitebox cycles at it (at most TOPUP_ATTEMPTS_PER_HIT per missing hit, so
+    an unreachable point fails the quota check instead of looping).  ``s3``: (bucket, storage_options)
+    for a config on S3; every chain gets its own prefix in the bucket."""
+    seed = config.seed if seed is None else seed
     rng = random.Random(seed)
     report = Report()
     state = {"chain": None, "n_chain": 0}
     every = POWER_LOSS_EVERY if power_loss_every is None else power_loss_every
+    points = config.kill_points
 
     def one(cycle, point):
         chain = state["chain"]
         if chain is None or chain.done or chain.restarts >= MAX_RESTARTS_PER_SEED:
             state["n_chain"] += 1
-            root = tmp_path / f"{backend}-chain{state['n_chain']}"
+            name = f"{config.name}-chain{state['n_chain']}"
+            root = tmp_path / name
             root.mkdir()
-            chain = state["chain"] = Chain(backend, str(root), seed=seed * 1000 + state["n_chain"])
-        run_cycle(chain, report, rng, cycle, point=point, power_loss=(cycle % every == every - 1),
-                  extra_env=extra_env)
+            chain = Chain(config.backend, str(root), seed=seed * 1000 + state["n_chain"])
+            if config.storage == "s3":
+                bucket, opts = s3
+                chain.ckpt_uri, chain.storage_options = f"s3://{bucket}/{name}/ckpt", dict(opts)
+            state["chain"] = chain
+        power_loss = config.power_loss and cycle % every == every - 1
+        run_cycle(chain, report, rng, cycle, point=point, power_loss=power_loss, extra_env=extra_env)
         return not (stop_on_failure and report.failures)
 
     whitebox = 0
     for cycle in range(cycles):
         point = None
         if cycle % BLACKBOX_EVERY:
-            point = KILL_POINTS[whitebox % len(KILL_POINTS)]
+            point = points[whitebox % len(points)]
             whitebox += 1
         if not one(cycle, point):
             return report
     cycle = cycles
-    for point in KILL_POINTS:
-        name = ":".join(point)
+    for point in points:
+        name = point_name(point)
         budget = TOPUP_ATTEMPTS_PER_HIT * max(0, quota - report.kill_points[name])
         while report.kill_points[name] < quota and budget > 0:
             budget -= 1
@@ -478,10 +567,10 @@ def run_harness(backend, tmp_path, cycles, seed, *, extra_env=None, stop_on_fail
     return report
 
 
-def summarize(backend, report, elapsed):
-    hits = ", ".join(f"{e}:{s} {report.kill_points[f'{e}:{s}']}/{report.kill_attempts[f'{e}:{s}']}"
-                     for e, s in KILL_POINTS)
-    return (f"{backend}: {report.cycles} cycles ({report.topup_cycles} top-up), {report.kills} kills "
+def summarize(config, report, elapsed):
+    hits = ", ".join(f"{n} {report.kill_points[n]}/{report.kill_attempts[n]}"
+                     for n in map(point_name, config.kill_points))
+    return (f"{config.name} ({config.backend}+{config.storage}): {report.cycles} cycles ({report.topup_cycles} top-up), {report.kills} kills "
             f"({report.inside_checkpoint} inside a checkpoint, {report.kill_points['blackbox']} blackbox), "
             f"{report.power_losses} power losses ({report.unsynced_dropped} entries dropped, "
             f"{report.unsynced_truncated} files cut), {report.completed_streams} streams completed, "
@@ -492,19 +581,20 @@ def summarize(backend, report, elapsed):
             f"  dirsync kills: {dict(report.dirsync_phases)}; misses: {dict(report.kill_misses) or 'none'}")
 
 
-def _backends():
+def _configs():
     from backends import BACKENDS
-    return sorted(BACKENDS)
+    return [pytest.param(c, id=c.name) for c in CONFIGS if c.backend in BACKENDS]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", _backends())
-def test_kill9_during_checkpoints_never_loses_acked_or_accepts_partial(backend, tmp_path):
+@pytest.mark.parametrize("config", _configs())
+def test_kill9_during_checkpoints_never_loses_acked_or_accepts_partial(config, tmp_path, request):
+    # S3: moto's server on 127.0.0.1 and a fresh bucket (conftest.s3_options; skips without moto[server]/s3fs).
+    s3 = request.getfixturevalue("s3_options") if config.storage == "s3" else None
     t0 = time.monotonic()
-    report = run_harness(backend, tmp_path, CYCLES_PER_BACKEND, seed=17 if backend == "hashmap" else 29,
-                         quota=KILL_POINT_QUOTA)
+    report = run_harness(config, tmp_path, config.cycles, s3=s3, quota=KILL_POINT_QUOTA)
     elapsed = time.monotonic() - t0
-    summary = summarize(backend, report, elapsed)
+    summary = summarize(config, report, elapsed)
     print("\n" + summary)
     assert not report.failures, "\n".join(report.failures[:20]) + "\n" + summary
     assert report.lost == 0 and report.mismatches == 0, summary
@@ -513,15 +603,15 @@ def test_kill9_during_checkpoints_never_loses_acked_or_accepts_partial(backend, 
     # Most kills must land inside a checkpoint (whitebox kills always do).
     assert report.inside_checkpoint >= report.kills * 0.5, summary
     # Every named kill point of the checkpoint protocol really killed the child >= KILL_POINT_QUOTA times.
-    short = {f"{e}:{s}": report.kill_points[f"{e}:{s}"] for e, s in KILL_POINTS
-             if report.kill_points[f"{e}:{s}"] < KILL_POINT_QUOTA}
+    short = {n: report.kill_points[n] for n in map(point_name, config.kill_points)
+             if report.kill_points[n] < KILL_POINT_QUOTA}
     assert not short, f"kill points below the quota of {KILL_POINT_QUOTA}: {short}\n{summary}"
 
 
 @pytest.mark.slow
 def test_negative_control_skipped_fsync_loses_acked_checkpoint_on_power_loss(tmp_path):
     """A harness that cannot fail proves nothing: planting the "no fsync" bug must be caught."""
-    report = run_harness("hashmap", tmp_path, 12, seed=3, extra_env={"STATECORE_DEBUG_SKIP_FSYNC": "1"},
+    report = run_harness(CONFIGS[0], tmp_path, 12, seed=3, extra_env={"STATECORE_DEBUG_SKIP_FSYNC": "1"},
                          stop_on_failure=True, power_loss_every=1)
     assert report.failures, "the crash harness did not detect checkpoints written without fsync"
     assert any("lost acknowledged checkpoint" in f or "acknowledged, committed" in f for f in report.failures), \
@@ -545,3 +635,38 @@ def test_power_loss_emulation_keeps_fsynced_and_drops_unsynced(tmp_path):
     assert a.read_bytes() == b"x" * 100          # fsynced, entry synced
     assert b.read_bytes() == b"" and truncated == 1  # entry synced, content never fsynced
     assert not c.exists() and dropped == 1       # fsynced content but no directory fsync afterwards
+
+
+def test_lmdb_crash_hook_reports_spill_and_commit_in_the_flush_thread(tmp_path):
+    """The test-only hook behind the wb.spill / lmdb.commit kill points (statecore._lmdb._set_crash_hook):
+    called in the flush thread, a spill before its commit(s), and never once cleared."""
+    from backends import BACKENDS
+    if "lmdb" not in BACKENDS:
+        pytest.skip("no LMDB tier in this build")
+    from statecore import _lmdb
+    seen = []
+    hook = lambda event: seen.append((event, threading.current_thread().name))  # noqa: E731
+    assert _lmdb._set_crash_hook(hook) is None
+    try:
+        kb = BACKENDS["lmdb"](tmp_path).create_keyed_state_backend(max_parallelism=128)
+        try:
+            v = kb.get_state(sc.ValueStateDescriptor("v", sc.Int64()))
+            for k in range(2000):
+                kb.set_current_key(k)
+                v.update(k)
+            kb.flush()
+            assert ("wb.spill", "statecore-lmdb-flush") in seen and ("lmdb.commit", "statecore-lmdb-flush") in seen
+            assert {t for _, t in seen} == {"statecore-lmdb-flush"}, seen
+            assert seen[0][0] == "wb.spill" and seen.count(("lmdb.commit", "statecore-lmdb-flush")) >= \
+                seen.count(("wb.spill", "statecore-lmdb-flush")), seen
+            assert _lmdb._set_crash_hook(None) is hook
+            n = len(seen)
+            for k in range(2000):
+                kb.set_current_key(k)
+                v.update(-k)
+            kb.flush()
+            assert len(seen) == n  # cleared: no calls
+        finally:
+            kb.close()
+    finally:
+        _lmdb._set_crash_hook(None)

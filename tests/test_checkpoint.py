@@ -323,3 +323,30 @@ def test_corrupt_data_file_refused_before_any_state(tmp_path):
     files[0].unlink()
     with pytest.raises(CorruptCheckpointError):
         backend.restore_keyed_state_backend([cp])
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_large_heap_restore_prefaults_tables_while_verifying(tmp_path, corrupt):
+    """A restore presizes big tables (mmap'd slot arrays, >= 2 MiB) and faults them in on a thread while
+    the files verify: every value comes back unchanged; a corrupt file still raises, after the thread
+    is joined, and leaves nothing open."""
+    import numpy as np
+    n = 60_000
+    backend = sc.FsStateBackend(str(tmp_path / "c"))
+    with backend.create_keyed_state_backend() as kb:
+        st = kb.get_state(ValueStateDescriptor("v", sc.Float64()))
+        keys = np.arange(n, dtype=np.int64)
+        st.update_batch(keys, keys * 0.5)
+        cp = kb.checkpoint(1)
+    if corrupt:
+        f = next((tmp_path / "c").rglob("*data.sckd"))
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0x40
+        f.write_bytes(bytes(b))
+        with pytest.raises(CorruptCheckpointError, match="data.sckd"):
+            backend.restore_keyed_state_backend([cp])
+        return
+    with backend.restore_keyed_state_backend([cp]) as kb:
+        st = kb.get_state(ValueStateDescriptor("v", sc.Float64()))
+        assert kb.num_state_entries() == n
+        np.testing.assert_array_equal(st.value_batch(keys), keys * 0.5)

@@ -114,7 +114,7 @@ import threading
 import time
 import weakref
 
-import lmdb
+from statecore import _mdb as lmdb  # LMDB C API (vendored), named as py-lmdb was
 
 from statecore.errors import StateError
 

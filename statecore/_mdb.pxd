@@ -22,6 +22,20 @@ cdef extern from "lmdb.h" nogil:
         void *mv_data
 
 
+cdef enum:
+    MDB_OP_PUT = 0        # put key -> value
+    MDB_OP_DEL = 1        # delete key (absent: nothing)
+    MDB_OP_DEL_SUFFIXED = 2  # key = prefix + 8 zero bytes: delete every key of that length starting with prefix
+
+
+cdef struct mdb_op:       # one write of Transaction.capply; key and value are at offsets into its arena
+    int kind
+    size_t koff
+    size_t klen
+    size_t voff
+    size_t vlen
+
+
 cdef class Environment:
     cdef MDB_env *env
     cdef MDB_txn *spare          # a reset read transaction, renewed by the next read begin (max_spare_txns)
@@ -63,6 +77,9 @@ cdef class Transaction:
     cdef int cget(self, const uint8_t *k, size_t kl, MDB_val *out) except -1   # 1 found, 0 not
     cdef int cput(self, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, unsigned int flags) except -1
     cdef Cursor ccursor(self)
+    # ops[0..n) in order, the GIL released once for all (no Python object per record); MDB_APPEND is tried
+    # for the puts while they land after the database's last key (LMDB's bulk-load path), plain puts after
+    cdef int capply(self, const uint8_t *arena, const mdb_op *ops, size_t n) except -1
 
 
 cdef class Cursor:

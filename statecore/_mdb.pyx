@@ -37,6 +37,7 @@ from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZ
 from libc.errno cimport EACCES, EAGAIN, EBUSY, EINVAL, ENOMEM, ENOSPC
 from libc.stdint cimport uint8_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcmp
 from posix.unistd cimport getpid, usleep
 
 import os
@@ -666,6 +667,28 @@ cdef class Transaction:
             return False
         fail("mdb_del", rc)
 
+    cdef int capply(self, const uint8_t *arena, const mdb_op *ops, size_t n) except -1:
+        cdef MDB_cursor *cur = NULL
+        cdef size_t failed = 0
+        cdef int rc
+        cdef int what = 0
+        self.check_valid()
+        if n == 0:
+            return 0
+        rc = mdb_cursor_open(self.txn, self.dbi, &cur)
+        if rc:
+            fail("mdb_cursor_open", rc)
+        self.env.active += 1
+        with nogil:
+            rc = apply_ops(self.txn, self.dbi, cur, arena, ops, n, &failed, &what)
+            mdb_cursor_close(cur)
+        self.env.active -= 1
+        self.mutations += 1
+        if rc:
+            fail(f"{('mdb_cursor_put', 'mdb_del', 'mdb_cursor_del', 'mdb_cursor_get')[what]}() operation #{failed}",
+                 rc)
+        return 0
+
     cdef Cursor ccursor(self):
         cdef MDB_cursor *cur = NULL
         cdef int rc
@@ -687,6 +710,52 @@ cdef class Transaction:
 
     def cursor(self):
         return self.ccursor()
+
+
+cdef int apply_ops(MDB_txn *txn, MDB_dbi dbi, MDB_cursor *cur, const uint8_t *arena, const mdb_op *ops, size_t n,
+                   size_t *failed, int *what) noexcept nogil:
+    """Transaction.capply's loop (no GIL): 0, or the LMDB code of the first failure (ops[*failed], *what: the
+    call that failed, 0 put / 1 del / 2 cursor del / 3 cursor get)."""
+    cdef MDB_val k, v, ck, cv
+    cdef unsigned int flags = MDB_APPEND  # keys arrive sorted: while they land past the last key, append
+    cdef size_t i, pl
+    cdef int rc = 0
+    for i in range(n):
+        k.mv_data = <void *>(arena + ops[i].koff)
+        k.mv_size = ops[i].klen
+        if ops[i].kind == MDB_OP_PUT:
+            v.mv_data = <void *>(arena + ops[i].voff)
+            v.mv_size = ops[i].vlen
+            what[0] = 0
+            rc = mdb_cursor_put(cur, &k, &v, flags)
+            if rc == MDB_KEYEXIST and flags:  # not past the last key: plain puts from here on
+                flags = 0
+                rc = mdb_cursor_put(cur, &k, &v, 0)
+        elif ops[i].kind == MDB_OP_DEL:
+            what[0] = 1
+            rc = mdb_del(txn, dbi, &k, NULL)
+            if rc == MDB_NOTFOUND:
+                rc = 0
+        else:  # the keys of length klen starting with the first klen - 8 bytes (a list's append-deltas)
+            pl = ops[i].klen - 8
+            ck = k
+            what[0] = 3
+            rc = mdb_cursor_get(cur, &ck, &cv, MDB_SET_RANGE)
+            while rc == 0 and ck.mv_size == ops[i].klen and memcmp(ck.mv_data, k.mv_data, pl) == 0:
+                what[0] = 2
+                rc = mdb_cursor_del(cur, 0)
+                if rc:
+                    break
+                what[0] = 3
+                rc = mdb_cursor_get(cur, &ck, &cv, MDB_GET_CURRENT)
+                if rc == EINVAL:
+                    rc = MDB_NOTFOUND  # as py-lmdb: the cursor is unpositioned, the walk ends
+            if rc == MDB_NOTFOUND:
+                rc = 0
+        if rc:
+            failed[0] = i
+            return rc
+    return 0
 
 
 # -- Cursor ------------------------------------------------------------------------------------------------------

@@ -1,11 +1,20 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The LMDB spill tier's storage: C write buffers (memtables) in front of LMDB.
 
-LMDB is used through the ``lmdb`` Python package (py-lmdb >= 2.3, bundling
-LMDB 0.9.x), not through LMDB's C API: py-lmdb ships no headers to link
-against, and its ``Transaction.get``/``put``/``Cursor`` calls are thin C
-wrappers that release the GIL around the LMDB call.  The hot path (write
-buffer lookups and writes, the read cache) is pure C (csrc/sc_table.c).
+LMDB is used through its C API: LMDB 0.9.36 is vendored in csrc/lmdb/ (py-lmdb
+3.0.0's copy with py-lmdb's patches, the same code and file format as py-lmdb's
+default engine), built as a static library and wrapped by statecore._mdb, which
+mirrors the subset of py-lmdb this module used before (``lmdb.open``,
+``Environment``/``Transaction``/``Cursor``, the exception classes; imported here
+as ``lmdb``).  Why: through py-lmdb every record cost a C call that released and
+re-took the GIL, plus two bytes objects and a tuple; the per-record paths now
+run in C on pointers into LMDB's map instead: point reads (``lmdb_lookup``: the
+record is found and parsed in place, only the value is copied out), the
+checkpoint scan (``scan_live``: a C cursor), flushes and so restores (keys and
+records encoded into one C arena, applied by one GIL-free call, MDB_APPEND while
+the keys land past LMDB's last key) and incremental TTL cleanup (a C cursor).
+The hot path in front of LMDB (write buffer lookups and writes, the read cache)
+is pure C (csrc/sc_table.c).
 
 Design (RocksDB's memtables + block cache in front of sorted storage):
 
@@ -23,7 +32,7 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   thread flushes it to LMDB, sorted by key, tombstones as deletes, in write
   transactions of at most ``txn_entries`` entries (without MDB_WRITEMAP LMDB
   keeps every dirty page of a transaction in malloc'd memory).  The GIL is
-  released inside every py-lmdb call.  The caller stalls (``stalls`` metric)
+  released while LMDB writes (a transaction's writes, its commit).  The caller stalls (``stalls`` metric)
   only when all ``max_write_buffer_number`` buffers are full.  Buffers are
   retired (freed) by the caller's thread only: the flush thread never frees or
   moves memory the caller may point into; it only flips an entry's flag byte
@@ -82,7 +91,7 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   timestamp without touching the buffers.
 * Asynchronous checkpoints (``consistent_copy``): the cut is an :class:`LMDBCut`, one per store per
   checkpoint (reused while nothing was written since): ``sc_table_clone`` copies of every buffer (bounded by
-  write_buffer_size x max_write_buffer_number) + its own LMDB read transaction (py-lmdb uses MDB_NOTLS, so
+  write_buffer_size x max_write_buffer_number) + its own LMDB read transaction (opened with MDB_NOTLS, so
   the checkpoint thread may use it), released when the last state's snapshot is done or fails, or by close.
   LMDB append-deltas from the first sequence number of a buffer whose flush has started but which is not
   retired are skipped (the buffer holds them), in the cut and in live reads alike.  While a cut holds its
@@ -580,7 +589,7 @@ cdef list range_items_in(object txn, bytes p):
 
 cdef list map_items_in(object txn, bytes p):
     """[(user key part, value, ts)] of every LMDB record (in txn) whose composite key starts with map prefix p,
-    sorted by composite key (one py-lmdb C iterator over the range, no intermediate objects)."""
+    sorted by composite key (one cursor iterator over the range)."""
     cdef int64_t ts
     cdef const uint8_t *fk
     cdef const uint8_t *v
@@ -2650,7 +2659,7 @@ cdef class LMDBCut:
     max_write_buffer_number, with no Python objects) + an LMDB read transaction opened at cut time.
 
     LMDB MVCC keeps the transaction's view fixed whatever is flushed later; the copies keep the buffered
-    data fixed.  py-lmdb opens environments with MDB_NOTLS, so a read transaction may be used from another
+    data fixed.  statecore._mdb opens environments with MDB_NOTLS, so a read transaction may be used from another
     thread when uses do not overlap (``lock``).  While any cut holds its transaction the store does not
     resize the map: a flush that fills the map waits until the cut is released (then the caller's thread
     resizes).  The cut is released when the last state's view is done (its snapshot, or ``count`` after a

@@ -587,15 +587,15 @@ cdef list range_items_in(object txn, bytes p):
     return out
 
 
-cdef list map_items_in(object txn, bytes p):
+cdef list map_items_in(Transaction txn, bytes p):
     """[(user key part, value, ts)] of every LMDB record (in txn) whose composite key starts with map prefix p,
-    sorted by composite key (one cursor iterator over the range)."""
+    sorted by composite key (one C cursor pass over the range, records parsed in place in the map)."""
     cdef int64_t ts
     cdef const uint8_t *fk
     cdef const uint8_t *v
     cdef const uint8_t *kp
-    cdef size_t fkl, vl, kl
-    cdef bytes lkey, raw
+    cdef const uint8_t *lk
+    cdef size_t fkl, vl, kl, lkl
     cdef bytes head = p[:HASHED_HEAD]
     cdef const uint8_t *pp = <const uint8_t *>PyBytes_AS_STRING(p)
     cdef const uint8_t *hp = <const uint8_t *>PyBytes_AS_STRING(head)
@@ -603,25 +603,25 @@ cdef list map_items_in(object txn, bytes p):
     cdef size_t hl = <size_t>PyBytes_GET_SIZE(head)
     cdef bint hashed = False
     cdef list out = []
-    cur = txn.cursor()
-    if not cur.set_range(head):
-        return out
-    for item in cur.iternext(keys=True, values=True):
-        lkey = <bytes>item[0]
-        if <size_t>PyBytes_GET_SIZE(lkey) < hl or memcmp(PyBytes_AS_STRING(lkey), hp, hl) != 0:
+    cdef Cursor cur = txn.ccursor()
+    cdef int ok = cur.cset_range(hp, hl)
+    while ok:
+        lk = <const uint8_t *>cur.key_.mv_data
+        lkl = cur.key_.mv_size
+        if lkl < hl or memcmp(lk, hp, hl) != 0:
             break
-        raw = <bytes>item[1]
-        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+        parse_raw(<const uint8_t *>cur.val_.mv_data, cur.val_.mv_size, &ts, &fk, &fkl, &v, &vl)
         if fk is NULL:
-            kp = <const uint8_t *>PyBytes_AS_STRING(lkey)
-            kl = <size_t>PyBytes_GET_SIZE(lkey)
+            kp = lk
+            kl = lkl
         else:
             kp = fk
             kl = fkl
             hashed = True  # LMDB orders it by its hashed key
-        if kl < pl or memcmp(kp, pp, pl) != 0:
-            continue
-        out.append((as_bytes(kp + pl, kl - pl), as_bytes(v, vl), ts))
+        if kl >= pl and memcmp(kp, pp, pl) == 0:
+            out.append((as_bytes(kp + pl, kl - pl), as_bytes(v, vl), ts))
+        ok = cur.cnext()
+    cur.kill()
     if hashed:
         out.sort(key=_first)
     return out

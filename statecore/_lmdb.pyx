@@ -2200,7 +2200,7 @@ cdef class LMDBStateTable(StateTable):
             raise MemoryError()
         try:
             for m in self.tiers():  # oldest first, as LMDBStore.bfind searches them newest first
-                if m.t is not NULL:
+                if m.t is not NULL and m.t.count:  # an empty one shadows nothing: no probe per LMDB record
                     tabs[ntabs] = m.t
                     ntabs += 1
             return scan_live(self.s.txn() if self.s.spilled else None, tabs, ntabs, self.sid, self.lbit,
@@ -2973,8 +2973,8 @@ cdef long long scan_live(Transaction txn, sc_table **tabs, Py_ssize_t ntabs, int
             else:
                 kp = fk
                 kl = fkl
-            h = sc_table_hash(kp, kl)
-            if tabs_find(tabs, ntabs, kp, kl, h) is NULL:
+            h = sc_table_hash(kp, kl) if ntabs or (lbit and ndeltas) else 0
+            if ntabs == 0 or tabs_find(tabs, ntabs, kp, kl, h) is NULL:
                 if lbit and ndeltas:
                     if resolve(ctx, kp, kl, h, &v, &vl, &ts):
                         emit(sink, out, kp, kl, v, vl, ts)

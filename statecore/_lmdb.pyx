@@ -1641,6 +1641,21 @@ cdef class LMDBStateTable(StateTable):
     cdef void release(self) noexcept:
         pass
 
+    cdef void prefetch(self, uint32_t h) noexcept:
+        """Start loading what a write of a key with hash h probes (a restore's load_section calls it for a
+        block of records before inserting them, so their cache misses overlap): its slot in every write buffer
+        and its key filter bits."""
+        cdef LMDBStore s = self.s
+        cdef Memtable m
+        if s is None or s.buf is NULL:
+            return
+        sc_table_prefetch(s.buf, h)
+        for m in s.imm:
+            if m.t is not NULL:
+                sc_table_prefetch(m.t, h)
+        if s.spilled and s.kf is not NULL:
+            kf_prefetch(s.kf, s.kfmask, h)
+
     cdef inline int enter(self, const uint8_t *k, size_t kl) except -1:
         self.s.guard()
         if self.sid < 0 and kl >= 4:

@@ -59,6 +59,7 @@ cdef class Transaction:
     cdef Environment env
     cdef MDB_dbi dbi
     cdef bint valid
+    cdef bint reset_              # ended read transaction: reset, its reader slot kept until __dealloc__
     cdef bint write
     cdef bint buffers
     cdef unsigned long mutations  # puts/deletes so far: cursors refresh their position after one

@@ -511,7 +511,8 @@ cdef class Transaction:
 
     cdef int finish(self, bint spare_ok) noexcept:
         """Abort (a read transaction: reset and kept as the environment's spare when spare_ok and there is
-        room), close its cursors, unlink it.  Never raises."""
+        room), close its cursors, unlink it.  Never raises.  spare_ok: from __dealloc__ (py-lmdb caches a
+        read transaction as the spare when its object dies, not at abort)."""
         cdef MDB_txn *txn = self.txn
         cdef Environment env = self.env
         self.valid = False
@@ -524,7 +525,8 @@ cdef class Transaction:
             mdb_txn_abort(txn)
             env.write_tid = 0
         elif spare_ok and env.valid and env.spare is NULL and env.max_spare > 0:
-            mdb_txn_reset(txn)
+            if not self.reset_:
+                mdb_txn_reset(txn)
             env.spare = txn
         else:
             mdb_txn_abort(txn)
@@ -553,7 +555,13 @@ cdef class Transaction:
                 env.active -= 1
                 env.write_tid = 0
                 return 0
-            self.finish(True)  # a read-only commit is an abort (py-lmdb: reset, spare)
+            # a read-only commit is an abort.  As py-lmdb: the transaction is reset and keeps its reader
+            # slot (and stays linked: a close or resize aborts it) until the object dies, when it becomes
+            # the environment's spare
+            self.valid = False
+            self.kill_cursors()
+            mdb_txn_reset(txn)
+            self.reset_ = True
             return 0
         self.valid = False
         self.kill_cursors()

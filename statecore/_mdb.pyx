@@ -11,8 +11,9 @@ LMDB error code, carrying ``what``, ``code`` and ``reason`` and the message ``"w
 
 What is kept from py-lmdb: environments are opened with MDB_NOTLS (a read transaction may be used from
 another thread: the checkpoint thread reads through its cut's transaction), never MDB_WRITEMAP unless asked;
-an environment cannot be opened twice in one process ("already open in this process"); aborted read
-transactions are reset and kept as spares (``max_spare_txns``) and renewed by the next read ``begin``;
+an environment cannot be opened twice in one process ("already open in this process"); an ended read
+transaction is reset at once but keeps its reader slot until its object dies, when it becomes the spare
+(``max_spare_txns``) that the next read ``begin`` renews;
 closing an environment, or ``set_mapsize``, ends every transaction and cursor still open on it (later use
 raises ``Error("Attempt to operate on closed/deleted/dropped object.")``); ``set_mapsize`` is refused while
 a write transaction is active; a second write transaction on the thread that holds one raises instead of

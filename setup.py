@@ -34,25 +34,39 @@ if not DEBUG:
 
 CORE_SOURCES = ["csrc/sc_hash.c", "csrc/sc_buf.c", "csrc/sc_keycodec.c", "csrc/sc_table.c"]
 
-libraries = [("sccore", {"sources": CORE_SOURCES, "include_dirs": ["csrc"], "cflags": core_flags})]
+# LMDB (csrc/lmdb/: py-lmdb's patched LMDB 0.9.x, vendored; see csrc/lmdb/README) is third-party code, built
+# as its own static library and linked only into statecore._mdb (one copy of LMDB in the process; statecore._lmdb
+# reaches it through _mdb's C-level functions).  Not our -Wall -Wextra -Werror: upstream LMDB is not
+# warning-clean under them (unused parameters, sign comparisons, fallthroughs), and we do not patch
+# third-party code to silence warnings, so -w keeps the build output at zero warnings.  -UNDEBUG: LMDB's own
+# assertions stay on, as in py-lmdb's build.  -fvisibility=hidden: its mdb_* symbols are not exported from
+# our extension module (no interposition with another LMDB loaded in the process).  The sanitizer flags
+# apply to it too.
+LMDB_SOURCES = ["csrc/lmdb/mdb.c", "csrc/lmdb/midl.c"]
+lmdb_flags = ["-w", "-UNDEBUG", "-fvisibility=hidden", "-pthread"] + (["-O0", "-g"] if DEBUG or SANITIZE else ["-O2"]) \
+    + san_cflags
+
+libraries = [("sccore", {"sources": CORE_SOURCES, "include_dirs": ["csrc"], "cflags": core_flags}),
+             ("sclmdb", {"sources": LMDB_SOURCES, "include_dirs": ["csrc/lmdb"], "cflags": lmdb_flags})]
 
 
-def ext(name):
+def ext(name, libs=("sccore",)):
     return Extension(
         f"statecore.{name}",
         [f"statecore/{name}.pyx"],
-        include_dirs=["csrc", numpy.get_include()],
+        include_dirs=["csrc", "csrc/lmdb", numpy.get_include()],
         define_macros=macros,
         extra_compile_args=ext_flags,
-        extra_link_args=san,
-        libraries=["sccore"],
-        # The C core is a static library: relink (and recompile, for the headers) when it changes.
-        depends=sorted(glob.glob("csrc/*.c") + glob.glob("csrc/*.h")),
+        extra_link_args=san + (["-pthread"] if "sclmdb" in libs else []),
+        libraries=list(libs),
+        # The C libraries are static: relink (and recompile, for the headers) when they change.
+        depends=sorted(glob.glob("csrc/*.c") + glob.glob("csrc/*.h") + glob.glob("csrc/lmdb/*.[ch]")),
     )
 
 
 extensions = cythonize(
-    [ext("_codec"), ext("_core"), ext("_sink"), ext("_tables"), ext("_states"), ext("_lmdb")],
+    [ext("_codec"), ext("_core"), ext("_sink"), ext("_tables"), ext("_states"), ext("_mdb", ("sclmdb",)),
+     ext("_lmdb")],
     compiler_directives={"language_level": 3, "embedsignature": True, "binding": True},
     include_path=["."],
 )
@@ -65,6 +79,12 @@ class BuildExt(build_ext):
     def run(self):
         self.run_command("build_clib")
         super().run()
+
+    def build_extension(self, ext):
+        # build_ext links every build_clib library into every extension; each Extension names its own
+        # (LMDB goes into statecore._mdb alone).
+        self.compiler.set_libraries([])
+        super().build_extension(ext)
 
 
 setup(libraries=libraries, ext_modules=extensions, cmdclass={"build_ext": BuildExt})

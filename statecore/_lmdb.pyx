@@ -1,11 +1,20 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The LMDB spill tier's storage: C write buffers (memtables) in front of LMDB.
 
-LMDB is used through the ``lmdb`` Python package (py-lmdb >= 2.3, bundling
-LMDB 0.9.x), not through LMDB's C API: py-lmdb ships no headers to link
-against, and its ``Transaction.get``/``put``/``Cursor`` calls are thin C
-wrappers that release the GIL around the LMDB call.  The hot path (write
-buffer lookups and writes, the read cache) is pure C (csrc/sc_table.c).
+LMDB is used through its C API: LMDB 0.9.36 is vendored in csrc/lmdb/ (py-lmdb
+3.0.0's copy with py-lmdb's patches, the same code and file format as py-lmdb's
+default engine), built as a static library and wrapped by statecore._mdb, which
+mirrors the subset of py-lmdb this module used before (``lmdb.open``,
+``Environment``/``Transaction``/``Cursor``, the exception classes; imported here
+as ``lmdb``).  Why: through py-lmdb every record cost a C call that released and
+re-took the GIL, plus two bytes objects and a tuple; the per-record paths now
+run in C on pointers into LMDB's map instead: point reads (``lmdb_lookup``: the
+record is found and parsed in place, only the value is copied out), the
+checkpoint scan (``scan_live``: a C cursor), flushes and so restores (keys and
+records encoded into one C arena, applied by one GIL-free call, MDB_APPEND while
+the keys land past LMDB's last key) and incremental TTL cleanup (a C cursor).
+The hot path in front of LMDB (write buffer lookups and writes, the read cache)
+is pure C (csrc/sc_table.c).
 
 Design (RocksDB's memtables + block cache in front of sorted storage):
 
@@ -23,7 +32,7 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   thread flushes it to LMDB, sorted by key, tombstones as deletes, in write
   transactions of at most ``txn_entries`` entries (without MDB_WRITEMAP LMDB
   keeps every dirty page of a transaction in malloc'd memory).  The GIL is
-  released inside every py-lmdb call.  The caller stalls (``stalls`` metric)
+  released while LMDB writes (a transaction's writes, its commit).  The caller stalls (``stalls`` metric)
   only when all ``max_write_buffer_number`` buffers are full.  Buffers are
   retired (freed) by the caller's thread only: the flush thread never frees or
   moves memory the caller may point into; it only flips an entry's flag byte
@@ -82,7 +91,7 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   timestamp without touching the buffers.
 * Asynchronous checkpoints (``consistent_copy``): the cut is an :class:`LMDBCut`, one per store per
   checkpoint (reused while nothing was written since): ``sc_table_clone`` copies of every buffer (bounded by
-  write_buffer_size x max_write_buffer_number) + its own LMDB read transaction (py-lmdb uses MDB_NOTLS, so
+  write_buffer_size x max_write_buffer_number) + its own LMDB read transaction (opened with MDB_NOTLS, so
   the checkpoint thread may use it), released when the last state's snapshot is done or fails, or by close.
   LMDB append-deltas from the first sequence number of a buffer whose flush has started but which is not
   retired are skipped (the buffer holds them), in the cut and in live reads alike.  While a cut holds its
@@ -105,6 +114,7 @@ from statecore._csrc cimport (SC_OK, SC_PREFETCH, SC_VARINT_MAX, sc_be16_get, sc
 from statecore._records cimport as_bytes, buf_init, filter_list_blob, reserve, restamp_blob
 from statecore._states cimport SnapshotSink, StateTable
 from statecore._status cimport check
+from statecore._mdb cimport MDB_OP_DEL, MDB_OP_DEL_SUFFIXED, MDB_OP_PUT, Cursor, MDB_val, Transaction, mdb_op
 
 import errno
 import hashlib
@@ -114,7 +124,7 @@ import threading
 import time
 import weakref
 
-import lmdb
+from statecore import _mdb as lmdb  # LMDB C API (vendored), named as py-lmdb was
 
 from statecore.errors import StateError
 
@@ -231,8 +241,9 @@ cdef object read_failed(str path, object e, str what):
                           f"To fix: {fix}.")
 
 
-cdef object lmdb_lookup(object get, const uint8_t *k, size_t kl):
-    """The raw LMDB record of composite key k through ``get`` (a transaction's get), or None.
+cdef int lmdb_lookup(Transaction txn, const uint8_t *k, size_t kl, MDB_val *raw) except -1:
+    """Look up the LMDB record of composite key k in txn by pointer (no Python object for a direct key): 1 with
+    *raw -> the record in the map (valid until txn ends), 0 when there is none.
 
     Long keys are stored under a hashed key with the full key in the record: verify it.
     """
@@ -241,15 +252,15 @@ cdef object lmdb_lookup(object get, const uint8_t *k, size_t kl):
     cdef const uint8_t *v
     cdef size_t fkl, vl
     if kl <= MAX_DIRECT_KEY:
-        return get(as_bytes(k, kl))
-    raw = get(lmdb_key(k, kl))
-    if raw is None:
-        return None
-    parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+        return txn.cget(k, kl, raw)
+    lk = lmdb_key(k, kl)
+    if not txn.cget(<const uint8_t *>PyBytes_AS_STRING(lk), <size_t>PyBytes_GET_SIZE(lk), raw):
+        return 0
+    parse_raw(<const uint8_t *>raw.mv_data, raw.mv_size, &ts, &fk, &fkl, &v, &vl)
     if fk is NULL or fkl != kl or memcmp(fk, k, kl) != 0:
         raise StateError("statecore: LMDB hashed-key collision (sha256); the stored record belongs to "
                          "another key")
-    return raw
+    return 1
 
 
 cdef long filter_records(const uint8_t *v, size_t vl, int64_t ttl, int64_t now, sc_buf *out) except -1:
@@ -485,18 +496,61 @@ cdef bytes record_full_key(bytes lkey, bytes raw):
     return lkey
 
 
-cdef int append_list_base(object raw, sc_buf *out, int64_t *ts) except -1:
-    """Append the list blob of an LMDB record (no append-deltas) to out; 0 when raw is None, else 1."""
+cdef int append_list_base(const MDB_val *raw, sc_buf *out, int64_t *ts) except -1:
+    """Append the list blob of an LMDB record (no append-deltas) to out; 1."""
     cdef const uint8_t *fk
     cdef const uint8_t *v
     cdef size_t fkl, vl
-    if raw is None:
-        return 0
-    parse_record(raw, ts, &fk, &fkl, &v, &vl)
+    parse_raw(<const uint8_t *>raw.mv_data, raw.mv_size, ts, &fk, &fkl, &v, &vl)
     reserve(out, vl)
     memcpy(out.data + out.len, v, vl)
     out.len += vl
     return 1
+
+
+cdef int arena_key(sc_buf *a, const uint8_t *k, size_t kl, const uint8_t *suffix8, mdb_op *op) except -1:
+    """Append the LMDB key of composite key k (+ the 8 bytes at suffix8 unless NULL) to arena a; op.koff/klen."""
+    cdef size_t n = kl if kl <= MAX_DIRECT_KEY else HASHED_HEAD + 32
+    reserve(a, n + 8)
+    op.koff = a.len
+    if kl <= MAX_DIRECT_KEY:
+        memcpy(a.data + a.len, k, kl)
+    else:
+        lk = lmdb_key(k, kl)
+        memcpy(a.data + a.len, PyBytes_AS_STRING(lk), n)
+    a.len += n
+    if suffix8 is not NULL:
+        memcpy(a.data + a.len, suffix8, 8)
+        a.len += 8
+        n += 8
+    op.klen = n
+    return 0
+
+
+cdef int arena_record(sc_buf *a, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts,
+                      uint8_t flags, mdb_op *op) except -1:
+    """Append encode_record(k, v, ts, flags) to arena a; op.voff/vlen."""
+    cdef bint hashed = kl > MAX_DIRECT_KEY
+    cdef uint8_t vint[SC_VARINT_MAX]
+    cdef size_t nv = sc_varint_put(vint, kl) if hashed else 0
+    cdef size_t n = 9 + (nv + kl if hashed else 0) + vl
+    cdef uint8_t *p
+    reserve(a, n)
+    p = a.data + a.len
+    op.voff = a.len
+    op.vlen = n
+    p[0] = flags | (V_HASHED if hashed else 0)
+    sc_be64_put(p + 1, <uint64_t>ts)
+    p += 9
+    if hashed:
+        memcpy(p, vint, nv)
+        p += nv
+        memcpy(p, k, kl)
+        p += kl
+    if vl:
+        memcpy(p, v, vl)
+    a.len += n
+    return 0
 
 
 cdef int llist_deltas(object txn, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts, uint64_t floor) except -1:
@@ -550,15 +604,15 @@ cdef list range_items_in(object txn, bytes p):
     return out
 
 
-cdef list map_items_in(object txn, bytes p):
+cdef list map_items_in(Transaction txn, bytes p):
     """[(user key part, value, ts)] of every LMDB record (in txn) whose composite key starts with map prefix p,
-    sorted by composite key (one py-lmdb C iterator over the range, no intermediate objects)."""
+    sorted by composite key (one C cursor pass over the range, records parsed in place in the map)."""
     cdef int64_t ts
     cdef const uint8_t *fk
     cdef const uint8_t *v
     cdef const uint8_t *kp
-    cdef size_t fkl, vl, kl
-    cdef bytes lkey, raw
+    cdef const uint8_t *lk
+    cdef size_t fkl, vl, kl, lkl
     cdef bytes head = p[:HASHED_HEAD]
     cdef const uint8_t *pp = <const uint8_t *>PyBytes_AS_STRING(p)
     cdef const uint8_t *hp = <const uint8_t *>PyBytes_AS_STRING(head)
@@ -566,25 +620,25 @@ cdef list map_items_in(object txn, bytes p):
     cdef size_t hl = <size_t>PyBytes_GET_SIZE(head)
     cdef bint hashed = False
     cdef list out = []
-    cur = txn.cursor()
-    if not cur.set_range(head):
-        return out
-    for item in cur.iternext(keys=True, values=True):
-        lkey = <bytes>item[0]
-        if <size_t>PyBytes_GET_SIZE(lkey) < hl or memcmp(PyBytes_AS_STRING(lkey), hp, hl) != 0:
+    cdef Cursor cur = txn.ccursor()
+    cdef int ok = cur.cset_range(hp, hl)
+    while ok:
+        lk = <const uint8_t *>cur.key_.mv_data
+        lkl = cur.key_.mv_size
+        if lkl < hl or memcmp(lk, hp, hl) != 0:
             break
-        raw = <bytes>item[1]
-        parse_record(raw, &ts, &fk, &fkl, &v, &vl)
+        parse_raw(<const uint8_t *>cur.val_.mv_data, cur.val_.mv_size, &ts, &fk, &fkl, &v, &vl)
         if fk is NULL:
-            kp = <const uint8_t *>PyBytes_AS_STRING(lkey)
-            kl = <size_t>PyBytes_GET_SIZE(lkey)
+            kp = lk
+            kl = lkl
         else:
             kp = fk
             kl = fkl
             hashed = True  # LMDB orders it by its hashed key
-        if kl < pl or memcmp(kp, pp, pl) != 0:
-            continue
-        out.append((as_bytes(kp + pl, kl - pl), as_bytes(v, vl), ts))
+        if kl >= pl and memcmp(kp, pp, pl) == 0:
+            out.append((as_bytes(kp + pl, kl - pl), as_bytes(v, vl), ts))
+        ok = cur.cnext()
+    cur.kill()
     if hashed:
         out.sort(key=_first)
     return out
@@ -614,37 +668,6 @@ cdef inline bint kf_maybe(const uint8_t *kf, uint64_t mask, uint32_t h) noexcept
     cdef uint64_t a = h & mask
     cdef uint64_t b = ((<uint64_t>h * 0x9E3779B97F4A7C15ULL) >> 29) & mask
     return (kf[a >> 3] >> (a & 7)) & 1 and (kf[b >> 3] >> (b & 7)) & 1
-
-
-cdef inline bint is_delta(bytes raw):
-    return ((<const uint8_t *>PyBytes_AS_STRING(raw))[0] & V_DELTA) != 0
-
-
-cdef inline bint of_sid(bytes lkey, const uint8_t *sp) noexcept:
-    """LMDB key lkey belongs to the state whose 2-byte id is at sp (``lkey[2:4] == sidb``, no slice)."""
-    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(lkey)
-    return PyBytes_GET_SIZE(lkey) >= 4 and p[2] == sp[0] and p[3] == sp[1]
-
-
-cdef object next_sid_target(bytes lkey, bytes sidb):
-    """lkey (in LMDB order, at or after the current key group's start of state sidb) is not of state sidb: the
-    LMDB key where the state's records of the next candidate key group start; None past the last key group.
-    (``int.from_bytes(lkey[:2], "big") + (lkey[2:4] > sidb)``, computed in C.)"""
-    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(lkey)
-    cdef const uint8_t *sp = <const uint8_t *>PyBytes_AS_STRING(sidb)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(lkey)
-    cdef long kgi = (p[0] << 8 | p[1]) if n >= 2 else (p[0] if n == 1 else 0)
-    cdef Py_ssize_t m = (n if n < 4 else 4) - 2
-    cdef uint8_t t[4]
-    if m > 0 and memcmp(p + 2, sp, <size_t>m) > 0:
-        kgi += 1
-    if kgi > 0xFFFF:
-        return None
-    t[0] = <uint8_t>(kgi >> 8)
-    t[1] = <uint8_t>(kgi & 0xFF)
-    t[2] = sp[0]
-    t[3] = sp[1]
-    return PyBytes_FromStringAndSize(<const char *>t, 4)
 
 
 cdef size_t map_prefix_len(const uint8_t *k, size_t kl) except? 0:
@@ -705,13 +728,15 @@ cdef class LMDBStore:
     cdef Py_ssize_t nimm
     cdef sc_buf scratch
     cdef sc_buf fscratch        # the flush thread's scratch
+    cdef sc_buf farena          # the flush thread's LMDB keys and records of one write transaction
+    cdef mdb_op *fops           # ... and its operations
+    cdef size_t fops_cap
     cdef sc_table *cache        # read cache: composite key -> LMDB record value part (ts = record ts)
     cdef size_t cache_cap
     cdef size_t cache_bytes
     cdef size_t ccursor
     cdef readonly object env
-    cdef object rtxn
-    cdef object rget            # rtxn.get, bound once per read transaction
+    cdef Transaction rtxn       # the long-lived read transaction (None: none open)
     cdef readonly str path
     cdef readonly size_t write_buffer_size
     cdef readonly int max_write_buffer_number
@@ -772,6 +797,7 @@ cdef class LMDBStore:
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.scratch)
         buf_init(&self.fscratch)
+        buf_init(&self.farena)
 
     def __init__(self, str path, size_t write_buffer_size=64 << 20, bint sync=False, size_t map_size=256 << 20,
                  int max_readers=1024, size_t dirty_budget=32 << 20, int max_write_buffer_number=2,
@@ -822,6 +848,9 @@ cdef class LMDBStore:
         self.cache = NULL
         sc_buf_free(&self.scratch)
         sc_buf_free(&self.fscratch)
+        sc_buf_free(&self.farena)
+        free(self.fops)
+        self.fops = NULL
         free(self.kf)
         self.kf = NULL
 
@@ -894,7 +923,6 @@ cdef class LMDBStore:
         if self.rtxn is not None:
             self.rtxn.abort()
             self.rtxn = None
-        self.rget = None
         if self.env is not None:
             self.env.close()
 
@@ -1160,7 +1188,7 @@ cdef class LMDBStore:
 
     # -- LMDB ------------------------------------------------------------
 
-    cdef object txn(self):
+    cdef Transaction txn(self):
         if self.rtxn is None:
             if self.env_failed:
                 self.reopen()  # False: it waits (a checkpoint cut); begin then raises PanicError below
@@ -1173,24 +1201,26 @@ cdef class LMDBStore:
         return self.rtxn
 
     cdef inline void end_read(self):
-        self.rget = None
         self.rgen += 1
         if self.rtxn is not None:
             self.rtxn.abort()
             self.rtxn = None
 
-    cdef object lget(self, const uint8_t *k, size_t kl):
-        """The raw LMDB record of composite key k, or None."""
-        if self.rget is None:
-            self.rget = self.txn().get
-        return lmdb_lookup(self.rget, k, kl)
+    cdef inline int lget(self, const uint8_t *k, size_t kl, MDB_val *raw) except -1:
+        """The raw LMDB record of composite key k (1, *raw points into the map until the read transaction is
+        renewed: at the next operation at the earliest), or 0."""
+        cdef Transaction t = self.rtxn
+        if t is None:
+            t = self.txn()
+        return lmdb_lookup(t, k, kl, raw)
 
     cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
         """Append the LMDB list of k (base + append-deltas in order) to out; 1 when a base exists."""
         if not self.spilled:
             return 0
+        cdef MDB_val raw
         if self.ndeltas == 0:
-            return append_list_base(self.lget(k, kl), out, ts)
+            return self.lget(k, kl, &raw) and append_list_base(&raw, out, ts)
         return llist_deltas(self.txn(), k, kl, out, ts, self.delta_floor())
 
     cdef uint64_t delta_floor(self) noexcept:
@@ -1214,40 +1244,6 @@ cdef class LMDBStore:
         if not self.spilled:
             return []
         return map_items_in(self.txn(), p)
-
-    cdef list sid_scan(self, bytes sidb, bytes start, long limit):
-        """[(LMDB key, raw)] of state sidb (2 bytes) from LMDB key ``start`` on, across key groups."""
-        cdef long kgi
-        out = []
-        if not self.spilled:
-            return out
-        cur = self.txn().cursor()
-        target = start if start is not None else b"\x00\x00" + sidb
-        while True:
-            if not cur.set_range(target):
-                return out
-            key = cur.key()
-            ks = key[2:4]
-            if ks != sidb:
-                if ks < sidb:
-                    target = key[:2] + sidb
-                else:
-                    kgi = (key[0] << 8 | key[1]) + 1  # not int.from_bytes: a zero result trips memcheck (see valgrind supp)
-                    if kgi > 0xFFFF:
-                        return out
-                    target = kgi.to_bytes(2, "big") + sidb
-                continue
-            head = key[:4]
-            while True:
-                out.append((key, cur.value()))
-                if 0 <= limit <= len(out):
-                    return out
-                if not cur.next():
-                    return out
-                key = cur.key()
-                if key[:4] != head:
-                    break
-            target = key
 
     # -- checkpoint cuts ----------------------------------------------------
 
@@ -1413,6 +1409,8 @@ cdef class LMDBStore:
         cdef uint8_t *k
         cdef uint8_t fl
         cdef int kd, dr, stopped
+        cdef size_t nops
+        cdef mdb_op *ops
         cdef int64_t tid
         cdef uint8_t seqb[8]
         if _crash_armed:
@@ -1449,13 +1447,18 @@ cdef class LMDBStore:
             self.fexpired = 0
             txn = self.env.begin(write=True)
             try:
-                # puts go to LMDB in batches (one py-lmdb putmulti call: a per-record txn.put releases and
-                # re-acquires the GIL each time, which crawls while the caller's thread runs Python code); a
-                # batch is written before any delete, so LMDB sees the operations in the same order
-                tdel = txn.delete
-                pcur = txn.cursor()
-                batch = []
-                cur = None
+                # The transaction's writes are encoded in C into one arena (keys and records, no Python object
+                # per entry: only a hashed key takes Python's sha256), then applied in order by one C call
+                # with the GIL released (MDB_APPEND while the keys land past LMDB's last key, as a restore's do)
+                nops = 0
+                self.farena.len = 0
+                if self.fops_cap < 2 * (end - start):
+                    free(self.fops)
+                    self.fops = <mdb_op *>malloc(2 * (end - start) * sizeof(mdb_op))
+                    self.fops_cap = 0 if self.fops is NULL else 2 * (end - start)
+                    if self.fops is NULL:
+                        raise MemoryError()
+                ops = self.fops
                 for i in range(start, end):
                     e = arr[i]
                     k = sc_entry_key(e)
@@ -1466,45 +1469,36 @@ cdef class LMDBStore:
                             dr = self.drop_expired(m, e, tbl)
                     fl = eflag(e)
                     kd = fl & FLAG_KIND
-                    lk = lmdb_key(k, e.klen)
                     if kd == FLAG_MERGE:
                         sc_be64_put(seqb, self.seq)
                         self.seq += 1
                         self.ndeltas += 1
-                        batch.append((lk + as_bytes(seqb, 8),
-                                      encode_record(k, e.klen, bval(e), bvlen(e), ets(e), V_DELTA)))
+                        arena_key(&self.farena, k, e.klen, seqb, &ops[nops])
+                        arena_record(&self.farena, k, e.klen, bval(e), bvlen(e), ets(e), V_DELTA, &ops[nops])
+                        ops[nops].kind = MDB_OP_PUT
+                        nops += 1
                         continue
                     if (fl & FLAG_LIST) and self.ndeltas:
-                        if batch:
-                            pcur.putmulti(batch)
-                            batch = []
-                        if cur is None:
-                            cur = txn.cursor()
                         # a put or tombstone of a list replaces its append-deltas too
-                        if cur.set_range(lk + b"\x00" * 8):
-                            while True:
-                                key = cur.key()
-                                if len(key) != len(lk) + 8 or not key.startswith(lk):
-                                    break
-                                if not cur.delete():
-                                    break
+                        memset(seqb, 0, 8)
+                        arena_key(&self.farena, k, e.klen, seqb, &ops[nops])
+                        ops[nops].kind = MDB_OP_DEL_SUFFIXED
+                        nops += 1
                     if kd == FLAG_PUT:
                         kf_add(self.kf, self.kfmask, e.hash)  # before the record is visible (a superset is fine)
+                        arena_key(&self.farena, k, e.klen, NULL, &ops[nops])
                         if dr == 2:
-                            batch.append((lk, encode_record(k, e.klen, self.fscratch.data, self.fscratch.len,
-                                                            ets(e), 0)))
+                            arena_record(&self.farena, k, e.klen, self.fscratch.data, self.fscratch.len, ets(e), 0,
+                                         &ops[nops])
                         else:
-                            batch.append((lk, encode_record(k, e.klen, bval(e), bvlen(e), ets(e), 0)))
+                            arena_record(&self.farena, k, e.klen, bval(e), bvlen(e), ets(e), 0, &ops[nops])
+                        ops[nops].kind = MDB_OP_PUT
+                        nops += 1
                     elif not _DEBUG_DROP_FLUSH_TOMBSTONES:
-                        if batch:
-                            pcur.putmulti(batch)
-                            batch = []
-                        tdel(lk)
-                if batch:
-                    pcur.putmulti(batch)
-                batch = None
-                pcur = None
-                cur = None
+                        arena_key(&self.farena, k, e.klen, NULL, &ops[nops])
+                        ops[nops].kind = MDB_OP_DEL
+                        nops += 1
+                (<Transaction>txn).capply(self.farena.data, ops, nops)
                 tid = txn.id()
                 if _FAULTS is not None:
                     self.inject_fault(txn, m, tid, end)
@@ -1517,14 +1511,10 @@ cdef class LMDBStore:
                     m.fail_end = end
                     raise
             except lmdb.MapFullError:
-                cur = None
-                pcur = None
                 txn.abort()
                 self.request_grow()  # the caller's thread doubles the map with no transaction open
                 continue
             except BaseException:
-                cur = None
-                pcur = None
                 txn.abort()
                 raise
             self.flush_expired += self.fexpired
@@ -1633,22 +1623,26 @@ cdef class LMDBStateTable(StateTable):
     cdef int sid          # learnt from the first composite key seen (-1: none yet, so no entries)
     cdef bytes sidb
     cdef public long long n  # live entries (expired-but-not-cleaned included)
-    cdef bytes hold       # keeps the LMDB record a returned pointer points into
     cdef sc_buf kb        # scratch: map composite keys
     cdef sc_buf lb        # scratch: list cleanup
     cdef sc_buf rb        # scratch: resolved lists (base + deltas)
+    cdef sc_buf vb        # the last value get returned from LMDB
     cdef size_t bcursor   # cleanup position in the buffer's slots
     cdef long long bepoch
-    cdef bytes lcursor    # cleanup position in LMDB (last visited LMDB key)
-    cdef list lchunk      # cleanup: LMDB records read ahead (from the read transaction of generation lgen)
-    cdef Py_ssize_t lpos
+    cdef sc_buf lck       # cleanup position in LMDB: the last visited LMDB key (when lhas; else: the start)
+    cdef bint lhas
+    cdef Cursor lcur      # cleanup: a cursor of the read transaction of generation lgen, on the next record
     cdef long long lgen
-    cdef bint lwrap       # lchunk reached the state's last record
+    cdef long lpos        # records of the current chunk visited (a chunk: lcap records, one cursor pass)
+    cdef long lcap
+    cdef bint lexh        # the chunk reached the state's last record (the cursor has no next one)
 
     def __cinit__(self, *args, **kwargs):
         buf_init(&self.kb)
         buf_init(&self.lb)
         buf_init(&self.rb)
+        buf_init(&self.vb)
+        buf_init(&self.lck)
         self.sid = -1
 
     def __init__(self, LMDBStore store, bint nested, int layout=LAYOUT_VALUE, int64_t drop_ttl=0):
@@ -1662,9 +1656,26 @@ cdef class LMDBStateTable(StateTable):
         sc_buf_free(&self.kb)
         sc_buf_free(&self.lb)
         sc_buf_free(&self.rb)
+        sc_buf_free(&self.vb)
+        sc_buf_free(&self.lck)
 
     cdef void release(self) noexcept:
-        self.hold = None
+        pass
+
+    cdef void prefetch(self, uint32_t h) noexcept:
+        """Start loading what a write of a key with hash h probes (a restore's load_section calls it for a
+        block of records before inserting them, so their cache misses overlap): its slot in every write buffer
+        and its key filter bits."""
+        cdef LMDBStore s = self.s
+        cdef Memtable m
+        if s is None or s.buf is NULL:
+            return
+        sc_table_prefetch(s.buf, h)
+        for m in s.imm:
+            if m.t is not NULL:
+                sc_table_prefetch(m.t, h)
+        if s.spilled and s.kf is not NULL:
+            kf_prefetch(s.kf, s.kfmask, h)
 
     cdef inline int enter(self, const uint8_t *k, size_t kl) except -1:
         self.s.guard()
@@ -1683,6 +1694,7 @@ cdef class LMDBStateTable(StateTable):
 
     cdef int exists(self, const uint8_t *k, size_t kl, uint32_t h) except -1:
         cdef sc_entry *e
+        cdef MDB_val raw
         if self.s.spilled:
             kf_prefetch(self.s.kf, self.s.kfmask, h)
         e = self.s.bfind(k, kl, h)
@@ -1695,7 +1707,7 @@ cdef class LMDBStateTable(StateTable):
         if not kf_maybe(self.s.kf, self.s.kfmask, h):
             self.s.kf_skips += 1
             return 0
-        return self.s.lget(k, kl) is not None
+        return self.s.lget(k, kl, &raw)
 
     cdef int resolve_list(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
                           int64_t *ts) except -1:
@@ -1761,6 +1773,7 @@ cdef class LMDBStateTable(StateTable):
         cdef sc_entry *e
         cdef const uint8_t *fk
         cdef size_t fkl
+        cdef MDB_val raw
         if self.lbit:
             return self.resolve_list(k, kl, h, v, vl, ts)
         e = sc_table_find(s.buf, k, kl, h)
@@ -1784,16 +1797,22 @@ cdef class LMDBStateTable(StateTable):
             return 0
         # No key-filter check here: reads are mostly of keys that exist, and for those the filter's
         # cache miss (~200 ns on 1M spilled keys, measured) comes on top of the LMDB lookup.
-        raw = s.lget(k, kl)
-        if raw is None:
+        if not s.lget(k, kl, &raw):
             return 0
-        parse_record(raw, ts, &fk, &fkl, v, vl)
+        # parsed in place in the map; the value is copied to this table's own buffer (no Python object): the
+        # contract keeps it valid until the next call on this table, and a call on another table of the
+        # store may renew the read transaction
+        parse_raw(<const uint8_t *>raw.mv_data, raw.mv_size, ts, &fk, &fkl, v, vl)
         if s.cache is not NULL:
             e = s.cache_add(k, kl, h, v[0], vl[0], ts[0])
             if e is not NULL:
                 v[0] = sc_entry_value(e)
                 return 1
-        self.hold = raw
+        self.vb.len = 0
+        reserve(&self.vb, vl[0])
+        memcpy(self.vb.data, v[0], vl[0])
+        self.vb.len = vl[0]
+        v[0] = self.vb.data
         return 1
 
     cdef int do_put(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl, int64_t ts,
@@ -1912,7 +1931,6 @@ cdef class LMDBStateTable(StateTable):
             else:
                 memcpy(vals + j * vl, v, vl)
                 found[j] = 1
-        self.hold = None
         return 0
 
     cdef int append(self, const uint8_t *k, size_t kl, uint32_t h, const uint8_t *v, size_t vl,
@@ -2094,6 +2112,16 @@ cdef class LMDBStateTable(StateTable):
         cdef bytes key
         cdef uint32_t h
         cdef sc_table *buf
+        cdef Cursor cur
+        cdef uint8_t s0, s1
+        cdef uint8_t head[4]
+        cdef int ok, found
+        cdef const uint8_t *lk
+        cdef const uint8_t *lastk
+        cdef const uint8_t *raw
+        cdef const uint8_t *kp
+        cdef size_t lkl, lastkl, rawl, kl
+        cdef long visited
         self.s.guard()
         if self.sid < 0 or self.n <= 0 or n == 0:
             return 0
@@ -2130,114 +2158,95 @@ cdef class LMDBStateTable(StateTable):
         if not self.s.spilled:
             self.s.maybe_flush()
             return dropped
-        if self.lchunk is None or self.lpos >= len(self.lchunk) or self.lgen != self.s.rgen:
-            start = None if self.lcursor is None else self.lcursor + b"\x00"
-            chunk = max(<long>n, <long>CLEANUP_CHUNK)
-            self.lchunk = self.s.sid_scan(self.sidb, start, chunk)
+        # (C cursor, records parsed in place in the map: the read transaction stays open for the whole pass).
+        # A chunk is CLEANUP_CHUNK (or n) records of one cursor pass; a new one starts after the last visited
+        # key, or at the state's first record after the last one was reached (wrap around).
+        if self.lcur is None or self.lgen != self.s.rgen or self.lpos >= self.lcap or self.lexh:
+            self.lcur = None
+            cur = self.s.txn().ccursor()
+            s0 = <uint8_t>(self.sid >> 8)
+            s1 = <uint8_t>(self.sid & 0xFF)
+            if self.lhas:
+                reserve(&self.lck, 1)
+                self.lck.data[self.lck.len] = 0  # the first key after the last visited one
+                ok = cur.cset_range(self.lck.data, self.lck.len + 1)
+            else:
+                head[0] = 0
+                head[1] = 0
+                head[2] = s0
+                head[3] = s1
+                ok = cur.cset_range(head, 4)
+            self.lcur = cur
             self.lgen = self.s.rgen
             self.lpos = 0
-            self.lwrap = len(self.lchunk) < chunk
-        end = min(self.lpos + <Py_ssize_t>n, len(self.lchunk))
-        batch = self.lchunk[self.lpos:end]
-        self.lpos = end
-        if end:
-            self.lcursor = self.lchunk[end - 1][0]
-        if self.lwrap and end >= len(self.lchunk):
-            self.lcursor = None  # wrap around next time
-        for lkey, raw in batch:
-            if is_delta(raw):
-                continue  # visited with its base
-            parse_record(raw, &ts, &fk, &fkl, &v, &vl)
-            if layout != LAYOUT_LIST and not sc_ttl_expired(ts, ttl, now):
-                continue  # live (a newer buffered version, if any, is newer still)
-            key = lkey if fk is NULL else as_bytes(fk, fkl)
-            h = sc_table_hash(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
-            if self.s.bfind(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h) is not NULL:
-                continue  # a buffer holds a newer version
-            if layout == LAYOUT_LIST and self.s.ndeltas:
-                if not self.resolve_list(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h,
-                                         &v, &vl, &ts):
-                    continue
-            dropped += self.expire_one(<const uint8_t *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), h, v, vl,
-                                       ts, ttl, now, layout)
+            self.lcap = max(<long>n, <long>CLEANUP_CHUNK)
+            self.lexh = not sid_settle(cur, ok, s0, s1)
+        cur = self.lcur
+        s0 = <uint8_t>(self.sid >> 8)
+        s1 = <uint8_t>(self.sid & 0xFF)
+        lastk = NULL
+        lastkl = 0
+        visited = 0
+        while <size_t>visited < n and self.lpos < self.lcap and not self.lexh:
+            lk = <const uint8_t *>cur.key_.mv_data
+            lkl = cur.key_.mv_size
+            raw = <const uint8_t *>cur.val_.mv_data
+            rawl = cur.val_.mv_size
+            lastk = lk
+            lastkl = lkl
+            visited += 1
+            self.lpos += 1
+            # process the record (the cursor stays on it meanwhile: nothing here ends the read transaction)
+            if rawl and raw[0] & V_DELTA:
+                pass  # visited with its base
+            else:
+                parse_raw(raw, rawl, &ts, &fk, &fkl, &v, &vl)
+                if layout == LAYOUT_LIST or sc_ttl_expired(ts, ttl, now):
+                    kp = lk if fk is NULL else fk
+                    kl = lkl if fk is NULL else fkl
+                    h = sc_table_hash(kp, kl)
+                    if self.s.bfind(kp, kl, h) is NULL:  # else: a buffer holds a newer version
+                        if layout == LAYOUT_LIST and self.s.ndeltas:
+                            found = self.resolve_list(kp, kl, h, &v, &vl, &ts)
+                        else:
+                            found = 1
+                        if found:
+                            dropped += self.expire_one(kp, kl, h, v, vl, ts, ttl, now, layout)
+            if self.lpos < self.lcap:  # the chunk goes on: move to the state's next record (if any)
+                self.lexh = not sid_settle(cur, cur.cnext(), s0, s1)
+        if lastk is not NULL:
+            self.lck.len = 0
+            reserve(&self.lck, lastkl)
+            memcpy(self.lck.data, lastk, lastkl)
+            self.lck.len = lastkl
+            self.lhas = True
+        if self.lexh:
+            self.lhas = False  # wrap around next time
         self.s.maybe_flush()
         return dropped
 
     # -- checkpoints -------------------------------------------------------
 
-    cdef int emit(self, SnapshotSink sink, list out, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl,
-                  int64_t ts) except -1:
-        if sink is not None:
-            sink.check(sink.add(k, kl, NULL, 0, v, vl, ts))
-        else:
-            out.append((as_bytes(k, kl), as_bytes(v, vl), ts))
-        return 0
-
     cdef long long each_live(self, SnapshotSink sink, list out) except -1:
         """Pass every live entry (newest version; lists resolved) to sink, or append it to out."""
-        cdef long long n = 0
-        cdef int64_t ts
-        cdef const uint8_t *fk
-        cdef const uint8_t *v
-        cdef const uint8_t *kp
-        cdef size_t fkl, vl, pos, kl
-        cdef uint32_t h
-        cdef sc_entry *e
+        cdef sc_table **tabs
+        cdef Py_ssize_t ntabs = 0
         cdef Memtable m
-        cdef bytes key
-        cdef const uint8_t *sp
-        cdef bytes lkey, raw
         self.s.guard()
         if self.sid < 0:
             return 0
-        # 1. LMDB records of this state not shadowed by a buffer (one cursor pass, across key groups: py-lmdb's
-        #    C iterator from each key group's first record of the state, one (key, value) tuple per record)
-        cur = self.s.txn().cursor()
-        sp = <const uint8_t *>PyBytes_AS_STRING(self.sidb)
-        target = b"\x00\x00" + self.sidb
-        while target is not None and cur.set_range(target):
-            target = None
-            for item in cur.iternext(keys=True, values=True):
-                lkey = <bytes>item[0]
-                if not of_sid(lkey, sp):
-                    target = next_sid_target(lkey, self.sidb)
-                    break
-                raw = <bytes>item[1]
-                if is_delta(raw):
-                    continue
-                parse_record(raw, &ts, &fk, &fkl, &v, &vl)
-                key = lkey if fk is NULL else as_bytes(fk, fkl)
-                kp = <const uint8_t *>PyBytes_AS_STRING(key)
-                kl = <size_t>PyBytes_GET_SIZE(key)
-                h = sc_table_hash(kp, kl)
-                if self.s.bfind(kp, kl, h) is NULL:
-                    if self.lbit and self.s.ndeltas:
-                        if not self.resolve_list(kp, kl, h, &v, &vl, &ts):
-                            v = NULL
-                    if v is not NULL:
-                        self.emit(sink, out, kp, kl, v, vl, ts)
-                        n += 1
-        cur = None
-        # 2. buffered entries (their newest version only)
-        for m in self.tiers():
-            pos = 0
-            while True:
-                e = sc_table_next(m.t, &pos)
-                if e is NULL:
-                    break
-                if e.klen < 4 or sc_be16_get(sc_entry_key(e) + 2) != self.sid:
-                    continue
-                if self.s.bfind(sc_entry_key(e), e.klen, e.hash) != e or kind(e) == FLAG_TOMB:
-                    continue
-                if kind(e) == FLAG_MERGE:
-                    key = as_bytes(sc_entry_key(e), e.klen)
-                    if self.resolve_list(<const uint8_t *>PyBytes_AS_STRING(key), e.klen, e.hash, &v, &vl, &ts):
-                        self.emit(sink, out, <const uint8_t *>PyBytes_AS_STRING(key), e.klen, v, vl, ts)
-                        n += 1
-                else:
-                    self.emit(sink, out, sc_entry_key(e), e.klen, bval(e), bvlen(e), ets(e))
-                    n += 1
-        return n
+        tabs = <sc_table **>malloc((self.s.nimm + 1) * sizeof(sc_table *))
+        if tabs is NULL:
+            raise MemoryError()
+        try:
+            for m in self.tiers():  # oldest first, as LMDBStore.bfind searches them newest first
+                if m.t is not NULL and m.t.count:  # an empty one shadows nothing: no probe per LMDB record
+                    tabs[ntabs] = m.t
+                    ntabs += 1
+            return scan_live(self.s.txn() if self.s.spilled else None, tabs, ntabs, self.sid, self.lbit,
+                             self.s.ndeltas, resolve_live, self, NULL, sink, out)
+        finally:
+            free(tabs)
 
     cdef long long snapshot(self, SnapshotSink sink) except -1:
         return self.each_live(sink, None)
@@ -2274,6 +2283,7 @@ cdef class LMDBStateTable(StateTable):
 
 cdef enum:
     SCAN_CHUNK = 256     # LMDB records a key scan reads per cursor pass
+    SCAN_YIELD = 4096    # a checkpoint scan drops the GIL after this many LMDB records
 
 
 cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
@@ -2689,7 +2699,7 @@ cdef class LMDBCut:
     max_write_buffer_number, with no Python objects) + an LMDB read transaction opened at cut time.
 
     LMDB MVCC keeps the transaction's view fixed whatever is flushed later; the copies keep the buffered
-    data fixed.  py-lmdb opens environments with MDB_NOTLS, so a read transaction may be used from another
+    data fixed.  statecore._mdb opens environments with MDB_NOTLS, so a read transaction may be used from another
     thread when uses do not overlap (``lock``).  While any cut holds its transaction the store does not
     resize the map: a flush that fills the map waits until the cut is released (then the caller's thread
     resizes).  The cut is released when the last state's view is done (its snapshot, or ``count`` after a
@@ -2699,8 +2709,7 @@ cdef class LMDBCut:
     cdef LMDBStore s
     cdef sc_table **tabs      # buffer copies, oldest first (the active buffer last)
     cdef Py_ssize_t ntabs
-    cdef object txn           # None: LMDB was empty at cut time
-    cdef object tget
+    cdef Transaction txn      # None: LMDB was empty at cut time
     cdef object lock          # held around every use of txn / tabs
     cdef bint cancel          # set by close(): a running snapshot stops at its next record
     cdef readonly bint retired  # no new state view may join (released, or being released)
@@ -2709,7 +2718,11 @@ cdef class LMDBCut:
     cdef long long ndeltas
     cdef long long no         # creation order within the store
     cdef int users            # state views not done yet
+    cdef sc_buf rb            # resolved lists (base + deltas) of the running scan
     cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        buf_init(&self.rb)
 
     def __init__(self, LMDBStore s):
         cdef Memtable m
@@ -2741,7 +2754,6 @@ cdef class LMDBCut:
                     s.env_failed = True
                 self.free_tabs()
                 raise read_failed(s.path, e, " for a checkpoint") from e
-            self.tget = self.txn.get
             with s.cv:
                 s.ncuts += 1
                 self.holds_txn = True
@@ -2754,6 +2766,7 @@ cdef class LMDBCut:
         except BaseException:
             pass
         self.free_tabs()
+        sc_buf_free(&self.rb)
 
     cdef void free_tabs(self) noexcept:
         cdef Py_ssize_t i
@@ -2774,7 +2787,6 @@ cdef class LMDBCut:
             txn = self.txn
             held = self.holds_txn
             self.txn = None
-            self.tget = None
             self.holds_txn = False
             self.free_tabs()
             if txn is not None:
@@ -2822,16 +2834,19 @@ cdef class LMDBCut:
                 return e
         return NULL
 
-    cdef object lget(self, const uint8_t *k, size_t kl):
-        if self.tget is None:
-            return None
-        return lmdb_lookup(self.tget, k, kl)
+    cdef int lget(self, const uint8_t *k, size_t kl, MDB_val *raw) except -1:
+        """As LMDBStore.lget, in the cut's transaction (call with lock held; *raw is valid until the cut is
+        released)."""
+        if self.txn is None:
+            return 0
+        return lmdb_lookup(self.txn, k, kl, raw)
 
     cdef int llist(self, const uint8_t *k, size_t kl, sc_buf *out, int64_t *ts) except -1:
+        cdef MDB_val raw
         if self.txn is None:
             return 0
         if self.ndeltas == 0:
-            return append_list_base(self.lget(k, kl), out, ts)
+            return self.lget(k, kl, &raw) and append_list_base(&raw, out, ts)
         return llist_deltas(self.txn, k, kl, out, ts, self.floor)
 
     cdef int resolve_list(self, const uint8_t *k, size_t kl, uint32_t h, sc_buf *rb, int64_t *ts) except -1:
@@ -2875,68 +2890,164 @@ cdef class LMDBCut:
         finally:
             free(deltas)
 
-    cdef long long each_live(self, int sid, bytes sidb, int lbit, SnapshotSink sink, sc_buf *rb) except -1:
-        """LMDBStateTable.each_live at the cut (into sink)."""
-        cdef long long n = 0
-        cdef int64_t ts
-        cdef const uint8_t *fk
-        cdef const uint8_t *v
-        cdef const uint8_t *kp
-        cdef size_t fkl, vl, pos, kl
-        cdef uint32_t h
-        cdef sc_entry *e
-        cdef Py_ssize_t i
-        cdef bytes key
-        cdef const uint8_t *sp
-        cdef bytes lkey, raw
-        if self.txn is not None:
-            cur = self.txn.cursor()
-            sp = <const uint8_t *>PyBytes_AS_STRING(sidb)
-            target = b"\x00\x00" + sidb
-            while target is not None and cur.set_range(target):
-                target = None
-                for item in cur.iternext(keys=True, values=True):
-                    if self.cancel:
-                        self.enter()
-                    lkey = <bytes>item[0]
-                    if not of_sid(lkey, sp):
-                        target = next_sid_target(lkey, sidb)
-                        break
-                    raw = <bytes>item[1]
-                    if is_delta(raw):
-                        continue
-                    parse_record(raw, &ts, &fk, &fkl, &v, &vl)
-                    key = lkey if fk is NULL else as_bytes(fk, fkl)
-                    kp = <const uint8_t *>PyBytes_AS_STRING(key)
-                    kl = <size_t>PyBytes_GET_SIZE(key)
-                    h = sc_table_hash(kp, kl)
-                    if self.bfind(kp, kl, h) is NULL:
-                        if lbit and self.ndeltas:
-                            if self.resolve_list(kp, kl, h, rb, &ts):
-                                emit_to(sink, kp, kl, rb.data, rb.len, ts)
-                                n += 1
-                        else:
-                            emit_to(sink, kp, kl, v, vl, ts)
-                            n += 1
-            cur = None
-        for i in range(self.ntabs):
-            pos = 0
-            while True:
-                e = sc_table_next(self.tabs[i], &pos)
-                if e is NULL:
-                    break
-                if e.klen < 4 or sc_be16_get(sc_entry_key(e) + 2) != sid:
-                    continue
-                if self.bfind(sc_entry_key(e), e.klen, e.hash) != e or kind(e) == FLAG_TOMB:
-                    continue
-                if kind(e) == FLAG_MERGE:
-                    if self.resolve_list(sc_entry_key(e), e.klen, e.hash, rb, &ts):
-                        emit_to(sink, sc_entry_key(e), e.klen, rb.data, rb.len, ts)
+    cdef long long each_live(self, int sid, int lbit, SnapshotSink sink) except -1:
+        """LMDBStateTable.each_live at the cut (into sink); call with lock held."""
+        return scan_live(self.txn, self.tabs, self.ntabs, sid, lbit, self.ndeltas, resolve_cut, self, &self.cancel,
+                         sink, None)
+
+
+ctypedef int (*resolve_fn)(object ctx, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                           int64_t *ts) except -1
+
+
+cdef int resolve_live(object ctx, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                      int64_t *ts) except -1:
+    return (<LMDBStateTable>ctx).resolve_list(k, kl, h, v, vl, ts)
+
+
+cdef int resolve_cut(object ctx, const uint8_t *k, size_t kl, uint32_t h, const uint8_t **v, size_t *vl,
+                     int64_t *ts) except -1:
+    cdef LMDBCut c = <LMDBCut>ctx
+    if not c.resolve_list(k, kl, h, &c.rb, ts):
+        return 0
+    v[0] = c.rb.data
+    vl[0] = c.rb.len
+    return 1
+
+
+cdef inline sc_entry *tabs_find(sc_table **tabs, Py_ssize_t ntabs, const uint8_t *k, size_t kl, uint32_t h) noexcept:
+    """The newest version of k in tabs (oldest first), or NULL."""
+    cdef Py_ssize_t i
+    cdef sc_entry *e
+    for i in range(ntabs - 1, -1, -1):
+        e = sc_table_find(tabs[i], k, kl, h)
+        if e is not NULL:
+            return e
+    return NULL
+
+
+cdef inline int emit(SnapshotSink sink, list out, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl,
+                     int64_t ts) except -1:
+    if sink is not None:
+        sink.check(sink.add(k, kl, NULL, 0, v, vl, ts))
+    else:
+        out.append((as_bytes(k, kl), as_bytes(v, vl), ts))
+    return 0
+
+
+cdef int sid_settle(Cursor cur, int ok, uint8_t s0, uint8_t s1) except -1:
+    """From the cursor's record (ok: it has one) on, the first record of state (s0, s1) in LMDB order, seeking
+    over other states' records to the state's range in the next candidate key group: 1 when the cursor is on
+    one, 0 when there is none left."""
+    cdef const uint8_t *lk
+    cdef size_t lkl
+    cdef long kgi
+    cdef uint8_t target[4]
+    while ok:
+        lk = <const uint8_t *>cur.key_.mv_data
+        lkl = cur.key_.mv_size
+        if lkl >= 4 and lk[2] == s0 and lk[3] == s1:
+            return 1
+        # the key group of lk, + 1 when lk sorts after the state's range in it
+        kgi = (lk[0] << 8 | lk[1]) if lkl >= 2 else (lk[0] if lkl == 1 else 0)
+        if lkl > 2 and (lk[2] > s0 or (lk[2] == s0 and lkl > 3 and lk[3] > s1)):
+            kgi += 1
+        if kgi > 0xFFFF:
+            return 0
+        target[0] = <uint8_t>(kgi >> 8)
+        target[1] = <uint8_t>(kgi & 0xFF)
+        target[2] = s0
+        target[3] = s1
+        ok = cur.cset_range(target, 4)
+    return 0
+
+
+cdef long long scan_live(Transaction txn, sc_table **tabs, Py_ssize_t ntabs, int sid, int lbit, long long ndeltas,
+                         resolve_fn resolve, object ctx, const bint *cancel, SnapshotSink sink, list out) except -1:
+    """Every live entry of state sid (newest version; lists resolved) to sink (or appended to out): the LMDB
+    records of txn not shadowed by a buffer (tabs, oldest first), then the buffered entries.  The checkpoint
+    scan of LMDBStateTable (live) and LMDBCut (a cut) alike.
+
+    LMDB is walked with a C cursor, across key groups (a seek to each key group's first record of the state),
+    records parsed in place in the map: no Python object per record.  *cancel (when not NULL) is checked at
+    every record; the GIL is dropped every SCAN_YIELD records (a checkpoint thread's scan lets the caller's
+    thread run)."""
+    cdef long long n = 0, seen = 0
+    cdef int64_t ts
+    cdef const uint8_t *fk
+    cdef const uint8_t *v
+    cdef const uint8_t *kp
+    cdef const uint8_t *lk
+    cdef size_t fkl, vl, pos, kl, lkl
+    cdef uint32_t h
+    cdef sc_entry *e
+    cdef Py_ssize_t i
+    cdef uint8_t target[4]
+    cdef uint8_t s0 = <uint8_t>(sid >> 8)
+    cdef uint8_t s1 = <uint8_t>(sid & 0xFF)
+    cdef Cursor cur
+    cdef int ok
+    if txn is not None:
+        cur = txn.ccursor()
+        target[0] = 0
+        target[1] = 0
+        target[2] = s0
+        target[3] = s1
+        ok = sid_settle(cur, cur.cset_range(target, 4), s0, s1)
+        while ok:
+            seen += 1
+            if cancel is not NULL and cancel[0]:
+                raise_cut_closed()
+            if seen % SCAN_YIELD == 0:
+                with nogil:
+                    pass
+            lk = <const uint8_t *>cur.key_.mv_data
+            lkl = cur.key_.mv_size
+            if cur.val_.mv_size and (<const uint8_t *>cur.val_.mv_data)[0] & V_DELTA:
+                ok = sid_settle(cur, cur.cnext(), s0, s1)
+                continue
+            parse_raw(<const uint8_t *>cur.val_.mv_data, cur.val_.mv_size, &ts, &fk, &fkl, &v, &vl)
+            if fk is NULL:
+                kp = lk
+                kl = lkl
+            else:
+                kp = fk
+                kl = fkl
+            h = sc_table_hash(kp, kl) if ntabs or (lbit and ndeltas) else 0
+            if ntabs == 0 or tabs_find(tabs, ntabs, kp, kl, h) is NULL:
+                if lbit and ndeltas:
+                    if resolve(ctx, kp, kl, h, &v, &vl, &ts):
+                        emit(sink, out, kp, kl, v, vl, ts)
                         n += 1
                 else:
-                    emit_to(sink, sc_entry_key(e), e.klen, bval(e), bvlen(e), ets(e))
+                    emit(sink, out, kp, kl, v, vl, ts)
                     n += 1
-        return n
+            ok = sid_settle(cur, cur.cnext(), s0, s1)
+        cur.kill()
+    for i in range(ntabs):
+        pos = 0
+        while True:
+            e = sc_table_next(tabs[i], &pos)
+            if e is NULL:
+                break
+            if e.klen < 4 or sc_be16_get(sc_entry_key(e) + 2) != sid:
+                continue
+            if tabs_find(tabs, ntabs, sc_entry_key(e), e.klen, e.hash) != e or kind(e) == FLAG_TOMB:
+                continue
+            if kind(e) == FLAG_MERGE:
+                if resolve(ctx, sc_entry_key(e), e.klen, e.hash, &v, &vl, &ts):
+                    emit(sink, out, sc_entry_key(e), e.klen, v, vl, ts)
+                    n += 1
+            else:
+                emit(sink, out, sc_entry_key(e), e.klen, bval(e), bvlen(e), ets(e))
+                n += 1
+    return n
+
+
+cdef int raise_cut_closed() except -1:
+    from statecore.errors import BackendClosedError
+    raise BackendClosedError("the keyed state backend was closed before this asynchronous checkpoint was read; "
+                             "its cut is gone")
 
 
 cdef int emit_to(SnapshotSink sink, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts) except -1:
@@ -2953,7 +3064,6 @@ cdef class LMDBCutTable(StateTable):
     cdef int lbit
     cdef long long n
     cdef bint done
-    cdef bytes hold
     cdef dict mindex          # map prefix -> full keys with an entry in a buffer copy (built on first use)
     cdef sc_buf rb
 
@@ -2973,7 +3083,6 @@ cdef class LMDBCutTable(StateTable):
         if self.done:
             return 0
         self.done = True
-        self.hold = None
         self.mindex = None
         self.c.users -= 1
         if self.c.users <= 0:
@@ -2997,7 +3106,7 @@ cdef class LMDBCutTable(StateTable):
             with self.c.lock:
                 self.c.enter()
                 self.c.release_older()
-                n = self.c.each_live(self.sid, self.sidb, self.lbit, sink, &self.rb) if self.sid >= 0 else 0
+                n = self.c.each_live(self.sid, self.lbit, sink) if self.sid >= 0 else 0
         except BaseException:
             self.c.release()  # the checkpoint fails: release the transaction now
             raise
@@ -3010,6 +3119,7 @@ cdef class LMDBCutTable(StateTable):
         cdef sc_entry *e
         cdef const uint8_t *fk
         cdef size_t fkl
+        cdef MDB_val raw
         try:
             with self.c.lock:
                 self.c.enter()
@@ -3028,11 +3138,14 @@ cdef class LMDBCutTable(StateTable):
                     vl[0] = bvlen(e)
                     ts[0] = ets(e)
                     return 1
-                raw = self.c.lget(k, kl)
-                if raw is None:
+                if not self.c.lget(k, kl, &raw):
                     return 0
-                parse_record(raw, ts, &fk, &fkl, v, vl)
-                self.hold = raw
+                parse_raw(<const uint8_t *>raw.mv_data, raw.mv_size, ts, &fk, &fkl, v, vl)
+                # copied out: the caller reads it after the lock is released (a close may end the cut)
+                reserve(&self.rb, vl[0])
+                memcpy(self.rb.data, v[0], vl[0])
+                self.rb.len = vl[0]
+                v[0] = self.rb.data
                 return 1
         except BaseException:
             self.c.release()

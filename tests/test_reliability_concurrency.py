@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 
-import lmdb
 import pytest
 
 import statecore as sc
@@ -369,7 +368,7 @@ def test_spawn_child_works(tmp_path):
 # ----------------------------------------------------------------------------- (e)
 
 HOLDER = r"""
-import os, sys, time, lmdb, statecore as sc
+import os, sys, time, statecore as sc
 root, rnd = sys.argv[1], int(sys.argv[2])
 b = sc.LMDBStateBackend(db_path=os.path.join(root, "db"), write_buffer_size=16 << 10, max_readers=4,
                         checkpoint_storage=sc.FileSystemCheckpointStorage(os.path.join(root, "ckpt")))

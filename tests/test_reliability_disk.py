@@ -147,7 +147,9 @@ def _fill(mnt, leave):
     st = os.statvfs(mnt)
     free = st.f_bavail * st.f_frsize
     want = max(0, free - leave)
-    with open(path, "wb") as f:
+    # Unbuffered: a flush of the LMDB tier may still be writing (a background thread) and take part of the
+    # space meanwhile; a buffered filler would then keep its failed tail and raise ENOSPC again at close.
+    with open(path, "wb", buffering=0) as f:
         chunk = b"\0" * MIB
         while want > 0:
             try:

@@ -43,10 +43,10 @@ import threading
 import time
 import traceback
 
-import lmdb
 import pytest
 
 import statecore as sc
+from statecore import _mdb as lmdb  # statecore's own LMDB binding: its environments are not py-lmdb's
 from statecore.checkpoint import storage as stg
 from statecore.serializers import Bytes
 

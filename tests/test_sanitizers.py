@@ -44,6 +44,7 @@ SUBSET = [
     "tests/test_checkpoint.py::test_async_checkpoint_is_a_consistent_cut",
     "tests/test_checkpoint_incremental.py",
     "tests/test_snapshot_sink.py",
+    "tests/test_mdb.py",
 ]
 
 

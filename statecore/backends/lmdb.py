@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 
-import lmdb
+from statecore import _mdb as lmdb  # LMDB C API (vendored), named as py-lmdb was
 
 from statecore._lmdb import LMDBStateTable, LMDBStore
 from statecore._states import KeyedStateBackend

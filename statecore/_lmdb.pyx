@@ -431,27 +431,6 @@ cdef bytes lmdb_key(const uint8_t *k, size_t kl):
     return full[:HASHED_HEAD] + hashlib.sha256(full).digest()
 
 
-cdef bytes encode_record(const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts, uint8_t flags):
-    """LMDB value: flags | BE64 ts | [varint len | full key] | value."""
-    cdef bint hashed = kl > MAX_DIRECT_KEY
-    cdef uint8_t vint[SC_VARINT_MAX]
-    cdef size_t nv = sc_varint_put(vint, kl) if hashed else 0
-    cdef size_t n = 9 + (nv + kl if hashed else 0) + vl
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
-    cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
-    p[0] = flags | (V_HASHED if hashed else 0)
-    sc_be64_put(p + 1, <uint64_t>ts)
-    p += 9
-    if hashed:
-        memcpy(p, vint, nv)
-        p += nv
-        memcpy(p, k, kl)
-        p += kl
-    if vl:
-        memcpy(p, v, vl)
-    return out
-
-
 cdef int parse_raw(const uint8_t *p, size_t n, int64_t *ts, const uint8_t **fk, size_t *fkl, const uint8_t **v,
                    size_t *vl) except -1:
     """Split an LMDB value; *fk is NULL when the LMDB key is the composite key."""
@@ -529,7 +508,10 @@ cdef int arena_key(sc_buf *a, const uint8_t *k, size_t kl, const uint8_t *suffix
 
 cdef int arena_record(sc_buf *a, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts,
                       uint8_t flags, mdb_op *op) except -1:
-    """Append encode_record(k, v, ts, flags) to arena a; op.voff/vlen."""
+    """Append the LMDB value of (k, v, ts, flags) to arena a and set op.voff/vlen.
+
+    Layout: flags (| V_HASHED) | BE64 ts | [varint len | full key, when k is longer than MAX_DIRECT_KEY] | value.
+    """
     cdef bint hashed = kl > MAX_DIRECT_KEY
     cdef uint8_t vint[SC_VARINT_MAX]
     cdef size_t nv = sc_varint_put(vint, kl) if hashed else 0
@@ -3048,10 +3030,6 @@ cdef int raise_cut_closed() except -1:
     from statecore.errors import BackendClosedError
     raise BackendClosedError("the keyed state backend was closed before this asynchronous checkpoint was read; "
                              "its cut is gone")
-
-
-cdef int emit_to(SnapshotSink sink, const uint8_t *k, size_t kl, const uint8_t *v, size_t vl, int64_t ts) except -1:
-    return sink.check(sink.add(k, kl, NULL, 0, v, vl, ts))
 
 
 @cython.final

@@ -102,17 +102,17 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, qsort
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport getpid
 
-from statecore._csrc cimport (SC_OK, SC_PREFETCH, SC_VARINT_MAX, sc_be16_get, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
+from statecore._csrc cimport (SC_OK, SC_PREFETCH, SC_VARINT_MAX, sc_be16_get, sc_be16_put, sc_be64_get, sc_be64_put, sc_buf, sc_buf_free,
                               sc_buf_reserve, sc_entry, sc_entry_key, sc_entry_value, sc_kc_parse, sc_kc_parts,
                               sc_now_ms, sc_table, sc_table_append, sc_table_clone, sc_table_delete,
                               sc_table_delete_entry, sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next,
                               sc_table_prefetch, sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
 from statecore._records cimport as_bytes, buf_init, filter_list_blob, reserve, restamp_blob
-from statecore._states cimport SnapshotSink, StateTable
+from statecore._states cimport SnapshotSink, StateTable, check_record, read_section_record, section_state
 from statecore._status cimport check
 from statecore._mdb cimport MDB_OP_DEL, MDB_OP_DEL_SUFFIXED, MDB_OP_PUT, Cursor, MDB_val, Transaction, mdb_op
 
@@ -126,7 +126,7 @@ import weakref
 
 from statecore import _mdb as lmdb  # LMDB C API (vendored), named as py-lmdb was
 
-from statecore.errors import StateError
+from statecore.errors import CorruptCheckpointError, StateError
 
 cdef enum:
     FLAG_TOMB = 0
@@ -316,14 +316,19 @@ cdef inline size_t bvlen(sc_entry *e) noexcept:
     return e.vlen
 
 
+cdef inline int cmp_mem(const uint8_t *a, size_t al, const uint8_t *b, size_t bl) noexcept nogil:
+    """LMDB's default key order (memcmp, then the shorter key first)."""
+    cdef size_t m = al if al < bl else bl
+    cdef int r = memcmp(a, b, m)
+    if r:
+        return r
+    return (al > bl) - (al < bl)
+
+
 cdef int cmp_entry(const void *a, const void *b) noexcept nogil:
     cdef sc_entry *ea = (<sc_entry **>a)[0]
     cdef sc_entry *eb = (<sc_entry **>b)[0]
-    cdef size_t m = ea.klen if ea.klen < eb.klen else eb.klen
-    cdef int r = memcmp(sc_entry_key(ea), sc_entry_key(eb), m)
-    if r:
-        return r
-    return (ea.klen > eb.klen) - (ea.klen < eb.klen)
+    return cmp_mem(sc_entry_key(ea), ea.klen, sc_entry_key(eb), eb.klen)
 
 
 cdef struct srec:          # a flush's sort record: the key's first 16 bytes (big-endian, zero-padded) + entry
@@ -344,14 +349,20 @@ cdef inline uint64_t be_word(const uint8_t *k, size_t kl, size_t off) noexcept n
     return sc_be64_get(w)
 
 
+cdef inline int cmp_words(uint64_t a0, uint64_t a1, uint64_t b0, uint64_t b1) noexcept nogil:
+    """Order of two keys by their first 16 bytes (be_word): 0 when those are equal (the full keys decide)."""
+    if a0 != b0:
+        return -1 if a0 < b0 else 1
+    if a1 != b1:
+        return -1 if a1 < b1 else 1
+    return 0
+
+
 cdef int cmp_srec(const void *a, const void *b) noexcept nogil:
     cdef const srec *ra = <const srec *>a
     cdef const srec *rb = <const srec *>b
-    if ra.k0 != rb.k0:
-        return -1 if ra.k0 < rb.k0 else 1
-    if ra.k1 != rb.k1:
-        return -1 if ra.k1 < rb.k1 else 1
-    return cmp_entry(&ra.e, &rb.e)  # equal first 16 bytes: the full keys decide
+    cdef int r = cmp_words(ra.k0, ra.k1, rb.k0, rb.k1)
+    return r if r else cmp_entry(&ra.e, &rb.e)
 
 
 cdef int sort_entries(sc_entry **arr, size_t n, const volatile int *stop) noexcept nogil:
@@ -774,6 +785,8 @@ cdef class LMDBStore:
     cdef uint8_t *kf            # LMDB key filter: 2 bits per base record a flush wrote (see kf_maybe)
     cdef uint64_t kfmask        # its bit count - 1
     cdef readonly long long kf_skips  # LMDB lookups the key filter saved
+    cdef readonly long long bulk_records   # restored records written straight to LMDB (bulk_load)
+    cdef readonly long long bulk_refused   # restored sections bulk_load left to the ordered replay (load_section)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -1566,6 +1579,18 @@ cdef class LMDBStore:
         check(sc_table_put(self.cache, k, kl, h, v, vl, ts, &out))
         return out
 
+    cdef size_t record_bytes_bound(self) except? 0:
+        """About how many snapshot bytes the whole store holds, from above (a sink presizes its buffers with
+        it, capped at its spill limit): LMDB's leaf and overflow pages plus the buffers' bytes."""
+        cdef Memtable m
+        cdef size_t n = self.buf.bytes
+        for m in self.imm:
+            n += m.t.bytes
+        if self.spilled:
+            st = self.env.stat()
+            n += (st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+        return n
+
     def metrics(self):
         cdef Memtable m
         self.guard()
@@ -1586,6 +1611,8 @@ cdef class LMDBStore:
             "cache_entries": self.cache.count if self.cache is not NULL else 0,
             "map_size": info["map_size"],
             "map_resizes": self.map_resizes,
+            "restore_bulk_records": self.bulk_records,
+            "restore_bulk_refused": self.bulk_refused,
             "buffer_entries": entries,
             "immutable_buffers": self.nimm,
             "flush_expired": self.flush_expired,
@@ -2225,6 +2252,8 @@ cdef class LMDBStateTable(StateTable):
                 if m.t is not NULL and m.t.count:  # an empty one shadows nothing: no probe per LMDB record
                     tabs[ntabs] = m.t
                     ntabs += 1
+            if sink is not None:
+                sink.check(sink.presize(self.s.record_bytes_bound()))
             return scan_live(self.s.txn() if self.s.spilled else None, tabs, ntabs, self.sid, self.lbit,
                              self.s.ndeltas, resolve_live, self, NULL, sink, out)
         finally:
@@ -2284,14 +2313,6 @@ cdef inline void rec_lk(const uint8_t *r, const uint8_t **p, size_t *n) noexcept
     else:
         p[0] = r + 9 + fkl
         n[0] = lkl
-
-
-cdef inline int cmp_mem(const uint8_t *a, size_t al, const uint8_t *b, size_t bl) noexcept nogil:
-    cdef size_t m = al if al < bl else bl
-    cdef int r = memcmp(a, b, m)
-    if r:
-        return r
-    return (al > bl) - (al < bl)
 
 
 cdef int cmp_rec(const void *a, const void *b) noexcept nogil:
@@ -2701,6 +2722,7 @@ cdef class LMDBCut:
     cdef long long no         # creation order within the store
     cdef int users            # state views not done yet
     cdef sc_buf rb            # resolved lists (base + deltas) of the running scan
+    cdef size_t bytes_bound   # the store's record_bytes_bound() at cut time (the snapshot sink's presize)
     cdef object __weakref__
 
     def __cinit__(self, *args, **kwargs):
@@ -2709,6 +2731,7 @@ cdef class LMDBCut:
     def __init__(self, LMDBStore s):
         cdef Memtable m
         cdef Py_ssize_t i
+        self.bytes_bound = s.record_bytes_bound()
         self.s = s
         self.lock = threading.RLock()
         s.cut_serial += 1
@@ -2874,6 +2897,7 @@ cdef class LMDBCut:
 
     cdef long long each_live(self, int sid, int lbit, SnapshotSink sink) except -1:
         """LMDBStateTable.each_live at the cut (into sink); call with lock held."""
+        sink.check(sink.presize(self.bytes_bound))
         return scan_live(self.txn, self.tabs, self.ntabs, sid, lbit, self.ndeltas, resolve_cut, self, &self.cancel,
                          sink, None)
 
@@ -3170,3 +3194,226 @@ cdef class LMDBCutTable(StateTable):
         except BaseException:
             self.c.release()
             raise
+
+
+# ---------------------------------------------------------------- restore: bulk load into LMDB
+
+cdef struct krec:          # a bulk load's sort record: the LMDB key's first 16 bytes (be_word), the key, its put
+    uint64_t k0
+    uint64_t k1
+    const uint8_t *k
+    size_t kl
+    mdb_op op
+
+
+cdef int cmp_krec(const void *a, const void *b) noexcept nogil:
+    cdef const krec *ra = <const krec *>a
+    cdef const krec *rb = <const krec *>b
+    cdef int r = cmp_words(ra.k0, ra.k1, rb.k0, rb.k1)
+    return r if r else cmp_mem(ra.k, ra.kl, rb.k, rb.kl)
+
+
+cdef int sort_puts(const uint8_t *arena, mdb_op *ops, size_t n, krec **recs, size_t *rcap) except -1:
+    """Put one section's puts in LMDB key order (a checkpoint of this tier already is: checked first, in one
+    pass); 0 when two of them have the same key (a section only an ordered replay may load), else 1."""
+    cdef size_t i
+    cdef int r = -1
+    cdef krec *rs
+    for i in range(1, n):
+        r = cmp_mem(arena + ops[i - 1].koff, ops[i - 1].klen, arena + ops[i].koff, ops[i].klen)
+        if r >= 0:
+            break
+    if r < 0 or n < 2:
+        return 1
+    if r == 0:
+        return 0
+    if rcap[0] < n:
+        free(recs[0])
+        recs[0] = <krec *>malloc(n * sizeof(krec))
+        rcap[0] = 0 if recs[0] is NULL else n
+        if recs[0] is NULL:
+            raise MemoryError()
+    rs = recs[0]
+    for i in range(n):
+        rs[i].k = arena + ops[i].koff
+        rs[i].kl = ops[i].klen
+        rs[i].k0 = be_word(rs[i].k, rs[i].kl, 0)
+        rs[i].k1 = be_word(rs[i].k, rs[i].kl, 8)
+        rs[i].op = ops[i]
+    with nogil:
+        qsort(rs, n, sizeof(krec), cmp_krec)
+    for i in range(n):
+        ops[i] = rs[i].op
+        if i and cmp_mem(rs[i - 1].k, rs[i - 1].kl, rs[i].k, rs[i].kl) == 0:
+            return 0
+    return 1
+
+
+cdef void *grow_array(void *p, size_t n) except NULL:
+    """realloc that raises MemoryError (p stays valid, and the caller's to free, when it does)."""
+    cdef void *q = realloc(p, n)
+    if q is NULL:
+        raise MemoryError()
+    return q
+
+
+cdef int bulk_commit(LMDBStore s, const uint8_t *arena, const mdb_op *ops, const uint32_t *hs, size_t n) except -1:
+    """Write n puts to LMDB in one write transaction (the map doubled and the transaction redone when full).
+    Their key filter bits are set first (before the records are visible; a superset is fine), and the store
+    reads LMDB from now on (``spilled``)."""
+    cdef size_t i
+    for i in range(min(n, <size_t>PREFETCH_AHEAD)):
+        kf_prefetch(s.kf, s.kfmask, hs[i])
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n:
+            kf_prefetch(s.kf, s.kfmask, hs[i + PREFETCH_AHEAD])
+        kf_add(s.kf, s.kfmask, hs[i])
+    s.spilled = True
+    while True:
+        txn = s.env.begin(write=True)
+        try:
+            (<Transaction>txn).capply(arena, ops, n)
+            txn.commit()
+        except lmdb.MapFullError:
+            txn.abort()
+            s.grow_map()
+            err = s.grow_error
+            if err is not None:
+                s.grow_error = None
+                raise err
+            continue
+        except BaseException:
+            txn.abort()
+            raise
+        return 0
+
+
+def bulk_load(LMDBStore s, list sections):
+    """A restore's fast path: load key-group sections of verified data files straight into LMDB.
+
+    ``sections``: ``(data, offset, length, key group, sidmap, where)`` items (load_section's arguments),
+    best in key-group order.  The caller's rule: the store's write buffers are empty (nothing is loaded
+    otherwise: every item comes back) and each item is the first section of its key group in this restore, so
+    no buffered or LMDB version of its keys exists.  The records are validated exactly as load_section does
+    (``CorruptCheckpointError`` naming ``where``), relabelled with the restoring backend's state ids, put in
+    LMDB key order per section (a checkpoint of this tier already is) and written as LMDB records in write
+    transactions of about ``txn_entries`` x 1 KiB (MDB_APPEND while the keys land past LMDB's last key): no
+    write buffer insert, no flush-time sort, and memory bounded by one transaction whatever the state's size
+    (Flink's RocksDB restore also writes straight into the database, through a write batch).  Entry counts
+    and the key filter are kept as writes keep them.  A section holding a tombstone (an incremental delta) or
+    one key twice is not written; the returned list holds those items, for load_section, in their order.
+    """
+    cdef const uint8_t[::1] data
+    cdef const uint8_t *p
+    cdef const uint8_t *end
+    cdef const uint8_t *k = NULL
+    cdef const uint8_t *v = NULL
+    cdef uint8_t *lk
+    cdef size_t kl = 0, vl = 0, cap = 0, nops = 0, sec_ops, sec_len, rcap = 0, limit
+    cdef int64_t ts = 0
+    cdef Py_ssize_t off, length
+    cdef int kg, layout = 0, last_sid
+    cdef uint16_t sid = 0
+    cdef long long run_n = 0, loaded = 0
+    cdef bint ok
+    cdef sc_kc_parts parts
+    cdef sc_buf arena
+    cdef sc_buf scratch
+    cdef mdb_op *ops = NULL
+    cdef uint32_t *hs = NULL
+    cdef krec *recs = NULL
+    cdef LMDBStateTable table = None
+    refused = []
+    s.guard()
+    if s.buf.count or s.nimm:
+        return list(sections)
+    # about an eighth of the dirty budget per write transaction: the arena stays in cache (a 16 MiB one, faulted
+    # in anew at every restore, made encoding twice as slow, measured), and LMDB's commits are cheap (no sync)
+    limit = max(<size_t>1 << 20, s.txn_entries * 1024)
+    buf_init(&arena)
+    buf_init(&scratch)
+    try:
+        for item in sections:
+            data, off, length, kg, sidmap, where = item
+            if off < 0 or length < 0 or off + length > data.shape[0]:
+                raise CorruptCheckpointError(f"{where}: key group {kg} section [{off}, +{length}) is outside the file")
+            if length == 0:
+                continue
+            p = &data[off]
+            end = p + length
+            sec_ops = nops
+            sec_len = arena.len
+            runs = []  # [(table, records)] of this section, counted once it is accepted
+            table = None
+            last_sid = -1
+            ok = True
+            while p < end:
+                read_section_record(&p, end, &k, &kl, &v, &vl, &ts, kg, where)
+                if sc_be16_get(k + 2) != last_sid:  # records of one state come in runs: look up once per run
+                    if table is not None:
+                        runs.append((table, run_n))
+                    sid, tbl, layout = section_state(sidmap, k, where)
+                    table = <LMDBStateTable?>tbl
+                    last_sid = sc_be16_get(k + 2)
+                    run_n = 0
+                if check_record(k, kl, v, vl, ts, layout, kg, where, &parts):
+                    ok = False  # a delta's tombstone: the ordered replay (load_section) applies it
+                    break
+                if nops == cap:
+                    cap = max(<size_t>4096, 2 * cap)
+                    ops = <mdb_op *>grow_array(ops, cap * sizeof(mdb_op))
+                    hs = <uint32_t *>grow_array(hs, cap * sizeof(uint32_t))
+                # the LMDB key: the composite key with the restoring backend's state id
+                if kl <= MAX_DIRECT_KEY:
+                    reserve(&arena, kl)
+                    lk = arena.data + arena.len
+                    memcpy(lk, k, kl)
+                    sc_be16_put(lk + 2, sid)
+                    ops[nops].koff = arena.len
+                    ops[nops].klen = kl
+                    arena.len += kl
+                else:
+                    scratch.len = 0
+                    reserve(&scratch, kl)
+                    lk = scratch.data
+                    memcpy(lk, k, kl)
+                    sc_be16_put(lk + 2, sid)
+                    arena_key(&arena, lk, kl, NULL, &ops[nops])
+                hs[nops] = sc_table_hash(lk, kl)
+                if run_n == 0:
+                    table.enter(lk, kl)
+                arena_record(&arena, lk, kl, v, vl, ts, 0, &ops[nops])  # lk is read only for a hashed key
+                ops[nops].kind = MDB_OP_PUT
+                nops += 1
+                run_n += 1
+            if ok and table is not None:
+                runs.append((table, run_n))
+            if ok:
+                ok = sort_puts(arena.data + 0, ops + sec_ops, nops - sec_ops, &recs, &rcap)
+            if not ok:
+                nops = sec_ops
+                arena.len = sec_len
+                refused.append(item)
+                s.bulk_refused += 1
+                continue
+            for tbl, n in runs:
+                (<LMDBStateTable>tbl).n += n
+            loaded += nops - sec_ops
+            s.bulk_records += nops - sec_ops
+            if arena.len >= limit:
+                bulk_commit(s, arena.data, ops, hs, nops)
+                nops = 0
+                arena.len = 0
+        if nops:
+            bulk_commit(s, arena.data, ops, hs, nops)
+            nops = 0
+    finally:
+        free(ops)
+        free(hs)
+        free(recs)
+        sc_buf_free(&arena)
+        sc_buf_free(&scratch)
+        if loaded:
+            s.end_read()  # reads see the new records
+            s.wgen += 1
+    return refused

@@ -11,7 +11,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy
 
-from statecore._csrc cimport (SC_OK, SC_VARINT_MAX, sc_be64_get, sc_be64_put, sc_buf, sc_buf_reserve, sc_buf_write,
+from statecore._csrc cimport (SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be64_get, sc_be64_put, sc_buf, sc_buf_reserve, sc_buf_write,
                               sc_ttl_expired, sc_varint_get, sc_varint_put)
 
 
@@ -60,6 +60,30 @@ cdef inline int read_record(const uint8_t **pp, const uint8_t *end, int64_t *ts,
     e[0] = p + 8 + used
     el[0] = n
     pp[0] = p + 8 + used + n
+    return 1
+
+
+cdef inline int read_data_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl,
+                                 const uint8_t **v, size_t *vl, int64_t *ts) noexcept nogil:
+    """Read the keyed data-file record at *pp (docs/checkpoint-format.md: ``varint len | composite key |
+    varint len | value | BE64 ts``): 1 read (and advance), -1 malformed key, -2 malformed value.  Bounds only:
+    the caller checks the key's contents."""
+    cdef const uint8_t *p = pp[0]
+    cdef uint64_t n = 0
+    cdef size_t used = sc_varint_get(p, end, &n)
+    if used == 0 or n > <uint64_t>(end - p - used) or n < SC_KC_HEAD:
+        return -1
+    k[0] = p + used
+    kl[0] = n
+    p = k[0] + n
+    used = sc_varint_get(p, end, &n)
+    if used == 0 or n > <uint64_t>(end - p - used) or <uint64_t>(end - p - used) - n < 8:
+        return -2
+    v[0] = p + used
+    vl[0] = n
+    p = v[0] + n
+    ts[0] = <int64_t>sc_be64_get(p)
+    pp[0] = p + 8
     return 1
 
 

@@ -162,11 +162,13 @@ cdef class SnapshotSink:
         Growing 128 buffers by doubling copies the data about once more and faults
         in fresh pages at every step; reserving a generous share up front costs
         nothing for the part never written (untouched pages are never faulted in).
-        Ignored when spilling (the limit bounds the buffers instead).
+        A spilling sink reserves at most its spill limit (what its buffers may hold).
         """
         cdef int i, n = self.kg_end - self.kg_start + 1
         cdef size_t share
-        if self.spill_at or total == 0:
+        if self.spill_at and total > self.spill_at:
+            total = self.spill_at
+        if total == 0:
             return 0
         share = total // <size_t>n
         share += share // 4 + 256

@@ -34,8 +34,8 @@ from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be
                               sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find, sc_table_free,
                               sc_table_clear, sc_table_reserve, sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
                               sc_table_put, sc_table_slot, sc_table_clone, sc_ttl_expired, sc_varint_get, sc_varint_put)
-from statecore._records cimport (append_record, as_bytes, buf_init, filter_list_blob, read_record, reserve,
-                                restamp_blob)
+from statecore._records cimport (append_record, as_bytes, buf_init, filter_list_blob, read_data_record, read_record,
+                                reserve, restamp_blob)
 from statecore._sink cimport LAYOUT_LIST, LAYOUT_MAP, LAYOUT_VALUE, SnapshotSink
 from statecore._status cimport check
 from statecore._tables cimport HeapStateTable, StateTable, next_record
@@ -122,6 +122,49 @@ cdef enum:
                       # prefetch PREFETCH_AHEAD records ahead
 
 
+cdef int read_section_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl,
+                             const uint8_t **v, size_t *vl, int64_t *ts, int kg, str where) except -1:
+    """Read the next record of key group kg's section (bounds and key group checked); raises
+    CorruptCheckpointError naming ``where``.  Shared by load_section and the LMDB tier's bulk load."""
+    cdef int rc = read_data_record(pp, end, k, kl, v, vl, ts)
+    if rc == -1:
+        raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
+    if rc == -2:
+        raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
+    if sc_be16_get(k[0]) != kg:
+        raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k[0])} is filed under {kg}")
+    return 0
+
+
+cdef tuple section_state(dict sidmap, const uint8_t *k, str where):
+    """The ``(new state id, StateTable, layout)`` of the state a record names; CorruptCheckpointError when the
+    metadata does not declare it."""
+    entry = sidmap.get(sc_be16_get(k + 2))
+    if entry is None:
+        raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
+                                     "which the metadata does not declare")
+    return entry
+
+
+cdef int check_record(const uint8_t *key, size_t kl, const uint8_t *v, size_t vl, int64_t ts, int layout, int kg,
+                      str where, sc_kc_parts *parts) except -1:
+    """Validate a record of key group kg whose state has ``layout``: 1 for a tombstone (an incremental delta's:
+    the (state, key, namespace) entry is rewritten from scratch by the records after it), 0 for an entry;
+    CorruptCheckpointError naming ``where`` when malformed.  Shared by load_section and the LMDB tier's bulk
+    load, so both accept exactly the same files."""
+    if sc_kc_parse(key, kl, parts) != SC_OK:
+        raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
+    if ts == TOMBSTONE:
+        if vl or parts.uklen:
+            raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
+        return 1
+    if layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
+        raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
+    if layout != LAYOUT_MAP and parts.uklen:
+        raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
+    return 0
+
+
 def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, Py_ssize_t length, int kg,
                  dict sidmap, str where):
     """Insert the records of one key-group section into the restored tables.
@@ -146,8 +189,7 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     cdef size_t koffs[LOAD_BLOCK]
     cdef int64_t tss[LOAD_BLOCK]
     cdef uint32_t hs[LOAD_BLOCK]
-    cdef uint64_t kl = 0, vl = 0
-    cdef size_t used, plen
+    cdef size_t kl = 0, vl = 0, plen
     cdef int64_t ts
     cdef long long n = 0
     cdef int m, j
@@ -170,29 +212,12 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
         m = 0
         while p < end and m < LOAD_BLOCK:
             rec = p
-            used = sc_varint_get(p, end, &kl)
-            if used == 0 or kl > <uint64_t>(end - p - used) or kl < SC_KC_HEAD:
-                raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
-            k = p + used
-            p = k + kl
-            used = sc_varint_get(p, end, &vl)
-            if used == 0 or vl > <uint64_t>(end - p - used) or <uint64_t>(end - p - used) - vl < 8:
-                raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
-            v = p + used
-            p = v + vl
-            ts = <int64_t>sc_be64_get(p)
-            p += 8
-            if sc_be16_get(k) != kg:
-                raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k)} is filed under {kg}")
+            read_section_record(&p, end, &k, &kl, &v, &vl, &ts, kg, where)
             if sc_be16_get(k + 2) != last_sid:  # records of one state come in runs: look up once per run
                 if m:
                     p = rec  # the next block starts with this record
                     break
-                entry = sidmap.get(sc_be16_get(k + 2))
-                if entry is None:
-                    raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
-                                                 "which the metadata does not declare")
-                sid, table, layout = entry
+                sid, table, layout = section_state(sidmap, k, where)
                 last_sid = sc_be16_get(k + 2)
             reserve(kbuf, kl)
             memcpy(kbuf.data + kbuf.len, k, kl)
@@ -218,12 +243,7 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
             v = vs[j]
             vl = vls[j]
             ts = tss[j]
-            if sc_kc_parse(key, kl, &parts) != SC_OK:
-                raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
-            if ts == TOMBSTONE:
-                # A delta's tombstone: the (state, key, namespace) entry is rewritten from scratch.
-                if vl or parts.uklen:
-                    raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
+            if check_record(key, kl, v, vl, ts, layout, kg, where, &parts):
                 if layout == LAYOUT_MAP:
                     table.mclear(key, kl, sc_table_hash(key, kl))
                 else:
@@ -231,11 +251,7 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
             elif layout == LAYOUT_MAP:
                 plen = kl - parts.uklen
                 table.mput(key, plen, sc_table_hash(key, plen), parts.user_key, parts.uklen, v, vl, ts)
-            elif layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
-                raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
-            elif parts.uklen:
-                raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
-            if layout != LAYOUT_MAP and ts != TOMBSTONE:
+            else:
                 table.put(key, kl, hs[j], v, vl, ts)
             n += 1
     return n

@@ -441,12 +441,7 @@ def restore(backend, checkpoints, **kwargs):
         prefault = None
         # Everything verified: now load.
         kb.restore_clock_ms = kb._now_ms()
-        for body, where, data, wanted in payloads:
-            sidmap = {}
-            for st in body["states"]:
-                sidmap[st["sid"]] = kb._restore_state(st)
-            for kg, off, length, _count in wanted:
-                load_section(kb, data, off, length, kg, sidmap, where)
+        _load(kb, payloads)
     except BaseException:
         if prefault is not None:
             prefault.join()  # it touches the tables' memory: close frees it
@@ -454,3 +449,28 @@ def restore(backend, checkpoints, **kwargs):
         raise
     # The maps are unmapped when the last reference goes (here, on return).
     return kb
+
+
+def _load(kb, payloads):
+    """Load the wanted sections of verified data files, each key group's sections in checkpoint order (an
+    incremental chain: its base, then its deltas).  A backend with a bulk path (the LMDB tier: ``_bulk_load``)
+    takes the first section of every key group there, in key-group order; the rest, and whatever the bulk path
+    leaves (a delta's tombstones), is replayed by ``load_section`` in order."""
+    order = []
+    for body, where, data, wanted in payloads:
+        sidmap = {st["sid"]: kb._restore_state(st) for st in body["states"]}
+        order.extend((data, off, length, kg, sidmap, where) for kg, off, length, _count in wanted)
+    bulk = getattr(kb, "_bulk_load", None)
+    done = set()
+    if bulk is not None:
+        first = {}
+        for item in order:
+            first.setdefault(item[3], item)
+        firsts = sorted(first.values(), key=lambda item: item[3])
+        left = {id(item) for item in bulk(firsts)}
+        done = {id(item) for item in firsts if id(item) not in left}
+    for item in order:
+        if id(item) not in done:
+            data, off, length, kg, sidmap, where = item
+            load_section(kb, data, off, length, kg, sidmap, where)
+

@@ -536,3 +536,27 @@ def test_metadata_with_non_finite_numbers_is_corrupt(number):
     raw = head + hashlib.sha256(head).digest()
     with pytest.raises(CorruptCheckpointError, match="not valid JSON"):
         CompletedCheckpoint.from_metadata("loc", fmt.decode_metadata(raw, "loc/_metadata"))
+
+
+def test_retention_uncommits_at_once_and_removes_files_in_the_background(tmp_path):
+    """Retention on local disk: the subsumed checkpoint is gone from listings (no _metadata, hidden folder)
+    when checkpoint() returns; its files are removed by the reclaim thread, and leftovers of an interrupted
+    removal are cleaned up by the next retention."""
+    import statecore as sc
+    backend = sc.HashMapStateBackend(checkpoint_storage=FileSystemCheckpointStorage(str(tmp_path)))
+    op_dir = tmp_path / "job" / "operator"
+    with backend.create_keyed_state_backend() as kb:
+        kb.set_current_key(1)
+        kb.get_state(sc.ValueStateDescriptor("v", float)).update(1.0)
+        first = kb.checkpoint(1)
+        second = kb.checkpoint(2)
+        assert backend.checkpoint_storage.list_checkpoints("job", "operator") == [second.location]
+        assert not os.path.exists(first.location)
+        st.wait_for_reclaim()
+        assert sorted(os.listdir(op_dir)) == [os.path.basename(second.location)]
+        leftover = op_dir / (st.TRASH_PREFIX + "chk-0-kg0-127-0badc0de")  # as a crash would leave it
+        leftover.mkdir()
+        (leftover / "x-data.sckd").write_bytes(b"x" * 100)
+        third = kb.checkpoint(3)
+        st.wait_for_reclaim()
+        assert sorted(os.listdir(op_dir)) == [os.path.basename(third.location)]

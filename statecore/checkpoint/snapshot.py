@@ -291,7 +291,8 @@ def _retain(kb, storage, completed):
     mine = [loc for loc in storage.list_checkpoints(kb.job_id, kb.operator_id) if loc.rstrip("/").endswith(suffix)]
     for loc in mine[:-keep]:
         if loc != completed.location:
-            storage.delete_location(loc)
+            storage.delete_location(loc, background=True)  # uncommitted now, files removed by a thread
+    storage.remove_leftover_trash(kb.job_id, kb.operator_id)
     chain = kb.chain
     if chain is not None and chain.created:
         referenced = set()
@@ -315,6 +316,9 @@ def _submit(kb, storage, cut, checkpoint_id):
                                       "failed; the next checkpoint will be a full one")
             if cut.sinks is None:
                 cut.serialize(cleanup_expired=True)
+            # Older checkpoints' files still being removed in the background are gone before this one is
+            # written: the disk never holds more checkpoints than it did with synchronous deletes.
+            stg.wait_for_reclaim()
             writer = storage.create_writer(cut.job_id, cut.operator_id, checkpoint_id, _instance(kb))
             with writer:
                 if kb.incremental:

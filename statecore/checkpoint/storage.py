@@ -35,10 +35,13 @@ import stat
 import tempfile
 import threading
 import weakref
+import logging
 from itertools import count
 
 from statecore.errors import CheckpointError, CheckpointSizeExceededError, CorruptCheckpointError
 from statecore.checkpoint.format import CHECKSUM_SIZE, HEADER_SIZE, MAX_BODY_LENGTH
+
+_log = logging.getLogger("statecore.checkpoint")
 
 __all__ = [
     "DEFAULT_MAX_STATE_SIZE",
@@ -334,13 +337,24 @@ class _LocalStore:
     def remove(self, path):
         _unlink_quietly(path)
 
-    def remove_tree(self, path):
+    def remove_tree(self, path, background=False):
         # _metadata first: an interrupted delete leaves an uncommitted folder,
         # never a "committed" one with missing files.
         meta = os.path.join(path, METADATA_NAME)
         if os.path.lexists(meta):
             os.unlink(meta)
             _fsync_dir(path)
+        if background:
+            # Freeing a large file's page cache takes a while (~20 ms for 34 MB): the folder is renamed
+            # out of the way at once and removed by the reclaim thread.
+            trash = os.path.join(os.path.dirname(path),
+                                 f"{TRASH_PREFIX}{os.path.basename(path)}-{secrets.token_hex(4)}")
+            try:
+                os.rename(path, trash)
+            except FileNotFoundError:
+                return
+            _reclaim(trash)
+            return
         try:
             shutil.rmtree(path)
         except FileNotFoundError:
@@ -357,6 +371,42 @@ class _LocalStore:
             return os.listdir(path)
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+
+#: Folders being removed in the background are renamed to TRASH_PREFIX + name + "-" + random hex (hidden,
+#: and never a checkpoint name); retention removes any a crash or an exit left behind.
+TRASH_PREFIX = ".deleting-"
+_reclaimer = None
+_reclaimer_lock = threading.Lock()
+_reclaimer_pid = None
+
+
+def _reclaim(path):
+    """Remove ``path`` (an uncommitted, renamed checkpoint folder) on the reclaim thread."""
+    global _reclaimer, _reclaimer_pid
+    import concurrent.futures
+    with _reclaimer_lock:
+        if _reclaimer is None or _reclaimer_pid != os.getpid():  # a forked child gets its own thread
+            _reclaimer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="statecore-reclaim")
+            _reclaimer_pid = os.getpid()
+        _reclaimer.submit(_remove_trash, path)
+
+
+def _remove_trash(path):
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # the folder is already uncommitted and hidden; the next retention retries
+        _log.warning("statecore: removing the deleted checkpoint folder %s failed: %s", path, e)
+
+
+def wait_for_reclaim():
+    """Block until every folder handed to the reclaim thread so far is removed (tests, tools)."""
+    with _reclaimer_lock:
+        r = _reclaimer if _reclaimer_pid == os.getpid() else None
+    if r is not None:
+        r.submit(lambda: None).result()
 
 
 def _unlink_quietly(path):
@@ -989,15 +1039,32 @@ class CheckpointStorage:
         found.sort()
         return [loc for _, _, loc in found]
 
-    def delete_location(self, location):
+    def delete_location(self, location, background=False):
         """Remove a checkpoint folder (retention). ``_metadata`` goes first, so an interrupted
-        delete leaves an uncommitted folder. Missing is fine. Raises CheckpointError on I/O failure."""
+        delete leaves an uncommitted folder. Missing is fine. Raises CheckpointError on I/O failure.
+
+        ``background=True`` (retention; Flink's CheckpointsCleaner also discards subsumed checkpoints
+        asynchronously): on local disk the checkpoint is uncommitted (``_metadata`` removed, directory
+        fsynced) and its folder renamed to a hidden ``.deleting-*`` name before this returns, and a
+        thread removes the files (``wait_for_reclaim`` waits for it).  Other stores delete at once."""
         store, path = self._resolve(location)
         _event("delete", path)
         try:
-            store.remove_tree(path)
+            if background and isinstance(store, _LocalStore):
+                store.remove_tree(path, background=True)
+            else:
+                store.remove_tree(path)
         except OSError as e:
             raise CheckpointError(f"{location}: cannot delete checkpoint: {e}") from e
+
+    def remove_leftover_trash(self, job_id, operator_id):
+        """Remove ``.deleting-*`` folders a crash or an exit left in an operator's folder (local disk)."""
+        store, path = self._resolve(self._operator_location(job_id, operator_id))
+        if not isinstance(store, _LocalStore):
+            return
+        for name in store.listdir(path):
+            if name.startswith(TRASH_PREFIX):
+                _reclaim(os.path.join(path, name))
 
     def read_metadata(self, location):
         return read_metadata(location)

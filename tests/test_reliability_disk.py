@@ -407,7 +407,7 @@ def ckpt_thread_calls(log):
         lines = f.read().splitlines()
     tids = set()
     for ln in lines:
-        m = re.match(r"(\d+)\s+openat\(.*chk-\d+", ln)
+        m = re.match(r"(\d+)\s+openat\(.*/chk-\d+", ln)  # not the reclaim thread's /.deleting-chk-* folders
         if m:
             tids.add(m.group(1))
     calls = []

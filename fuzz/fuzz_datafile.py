@@ -12,7 +12,10 @@ once in ``memory://``.  Input byte 0 picks the mode; the rest (``body``) is:
    metadata rewritten (length, SHA-256) so verification passes, then
    ``restore_keyed_state_backend``;
 3. a whole operator-state data file, end to end (metadata rewritten likewise),
-   then ``restore_operator_state_backend``.
+   then ``restore_operator_state_backend``;
+4. one key-group section (as mode 0) through the LMDB tier's restore fast
+   path, ``statecore._lmdb.bulk_load``, into a fresh LMDB-tier backend; a
+   section it leaves (a tombstone, a repeated key) goes to ``load_section``.
 
 After a successful load every state is read back through the public API
 (values, lists, maps, keys), which runs the descriptors' deserializers on
@@ -34,6 +37,7 @@ from _common import Guard, run  # noqa: E402
 
 import statecore as sc  # noqa: E402
 from statecore import operator_state  # noqa: E402
+from statecore._lmdb import bulk_load  # noqa: E402
 from statecore._states import load_section  # noqa: E402
 from statecore.checkpoint import format as fmt  # noqa: E402
 from statecore.errors import CorruptCheckpointError, SerializationError, StateError  # noqa: E402
@@ -65,6 +69,7 @@ class Fixture:
 
     def __init__(self):
         self.fs = fsspec.filesystem("memory")
+        self.lmdb = None
         self.backend = sc.HashMapStateBackend()
         self.backend.checkpoint_storage = sc.FileSystemCheckpointStorage(f"{ROOT}/keyed")
         keys = [0, 1, -5, 2 ** 70, "k", "β", b"raw", (1, "t"), None, 3.5, True]
@@ -105,6 +110,15 @@ class Fixture:
     def fresh_backend(self):
         """A restored-but-empty keyed backend and the sidmap restore would build for this checkpoint."""
         kb = self.backend.create_keyed_state_backend(max_parallelism=MAX_PARALLELISM, job_id="j", operator_id="op")
+        sidmap = {st["sid"]: kb._restore_state(st) for st in self.body["states"]}
+        return kb, sidmap
+
+    def fresh_lmdb_backend(self):
+        """fresh_backend on the LMDB tier (its working directory under a temp dir of this process)."""
+        if self.lmdb is None:
+            import tempfile
+            self.lmdb = sc.LMDBStateBackend(db_path=tempfile.mkdtemp(prefix="statecore-fuzz-"))
+        kb = self.lmdb.create_keyed_state_backend(max_parallelism=MAX_PARALLELISM, job_id="j", operator_id="op")
         sidmap = {st["sid"]: kb._restore_state(st) for st in self.body["states"]}
         return kb, sidmap
 
@@ -160,9 +174,18 @@ def check(data):
     if not data:
         return
     fx = fixture()
-    mode, body = data[0] % 4, data[1:]
+    mode, body = data[0] % 5, data[1:]
     try:
-        if mode in (0, 1):
+        if mode == 4:
+            if not body:
+                return
+            kb, sidmap = fx.fresh_lmdb_backend()
+            with kb:
+                item = (body[1:], 0, len(body) - 1, body[0] % MAX_PARALLELISM, sidmap, "fuzz")
+                for left in bulk_load(kb._store, [item]):
+                    load_section(kb, *left)
+                read_back(kb)
+        elif mode in (0, 1):
             kb, sidmap = fx.fresh_backend()
             with kb:
                 if mode == 0:
@@ -204,12 +227,13 @@ def seeds():
     out = [b"\x01" + fx.data, b"\x02" + fx.data, b"\x03" + fx.op_data]
     for kg, off, length, _count in fx.sections:
         out.append(b"\x00" + bytes([kg]) + fx.data[off:off + length])
+        out.append(b"\x04" + bytes([kg]) + fx.data[off:off + length])
     return out
 
 
 def warm_up():
     for data in seeds() + [b"\x00\x00", b"\x00\x01\x05\x00\x01", b"\x01", b"\x02", b"\x03", b"\x02SCKDATA1\x00",
-                           b"\x03SCOPDAT1\x01"]:
+                           b"\x03SCOPDAT1\x01", b"\x04\x00", b"\x04\x01\x05\x00\x01"]:
         check(data)
         check(data[:len(data) // 2])
 

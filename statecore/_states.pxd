@@ -8,8 +8,20 @@ from statecore._sink cimport SnapshotSink
 from statecore._tables cimport StateTable
 
 
-cdef int read_section_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl,
-                             const uint8_t **v, size_t *vl, int64_t *ts, int kg, str where) except -1
+cdef enum:
+    REC_OK = 0
+    REC_TOMBSTONE = 1       # record_kind: a delta's tombstone
+    REC_BAD_KEY = -1        # problem codes (raise_record_problem)
+    REC_BAD_VALUE = -2
+    REC_WRONG_KG = -3
+    REC_BAD_COMPOSITE = -4
+    REC_BAD_TOMBSTONE = -5
+    REC_BAD_LIST = -6
+    REC_USER_KEY = -7
+
+cdef int section_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl, const uint8_t **v,
+                        size_t *vl, int64_t *ts, int kg) noexcept nogil
+cdef int record_kind(const uint8_t *key, size_t kl, const uint8_t *v, size_t vl, int64_t ts, int layout,
+                     sc_kc_parts *parts) noexcept nogil
+cdef int raise_record_problem(int code, int kg, str where, const uint8_t *k) except -1
 cdef tuple section_state(dict sidmap, const uint8_t *k, str where)
-cdef int check_record(const uint8_t *key, size_t kl, const uint8_t *v, size_t vl, int64_t ts, int layout, int kg,
-                      str where, sc_kc_parts *parts) except -1

@@ -122,18 +122,55 @@ cdef enum:
                       # prefetch PREFETCH_AHEAD records ahead
 
 
-cdef int read_section_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl,
-                             const uint8_t **v, size_t *vl, int64_t *ts, int kg, str where) except -1:
-    """Read the next record of key group kg's section (bounds and key group checked); raises
-    CorruptCheckpointError naming ``where``.  Shared by load_section and the LMDB tier's bulk load."""
+cdef int section_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl, const uint8_t **v,
+                        size_t *vl, int64_t *ts, int kg) noexcept nogil:
+    """Read the next record of key group kg's section: REC_OK (advanced past it), or a problem code for
+    raise_record_problem (bounds, or a record of another key group).  Shared by load_section and the LMDB
+    tier's bulk load, so both accept exactly the same files."""
     cdef int rc = read_data_record(pp, end, k, kl, v, vl, ts)
     if rc == -1:
-        raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
+        return REC_BAD_KEY
     if rc == -2:
-        raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
+        return REC_BAD_VALUE
     if sc_be16_get(k[0]) != kg:
-        raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k[0])} is filed under {kg}")
-    return 0
+        return REC_WRONG_KG
+    return REC_OK
+
+
+cdef int record_kind(const uint8_t *key, size_t kl, const uint8_t *v, size_t vl, int64_t ts, int layout,
+                     sc_kc_parts *parts) noexcept nogil:
+    """What a record of a state with ``layout`` is: REC_OK (an entry), REC_TOMBSTONE (an incremental delta's:
+    the (state, key, namespace) entry is rewritten from scratch by the records after it), or a problem code
+    for raise_record_problem."""
+    if sc_kc_parse(key, kl, parts) != SC_OK:
+        return REC_BAD_COMPOSITE
+    if ts == TOMBSTONE:
+        return REC_BAD_TOMBSTONE if vl or parts.uklen else REC_TOMBSTONE
+    if layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
+        return REC_BAD_LIST
+    if layout != LAYOUT_MAP and parts.uklen:
+        return REC_USER_KEY
+    return REC_OK
+
+
+cdef int raise_record_problem(int code, int kg, str where, const uint8_t *k) except -1:
+    """Raise the CorruptCheckpointError (naming ``where``) of a section_record / record_kind problem code; k:
+    the record's key (REC_WRONG_KG)."""
+    if code == REC_BAD_KEY:
+        raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
+    if code == REC_BAD_VALUE:
+        raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
+    if code == REC_WRONG_KG:
+        raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k)} is filed under {kg}")
+    if code == REC_BAD_COMPOSITE:
+        raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
+    if code == REC_BAD_TOMBSTONE:
+        raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
+    if code == REC_BAD_LIST:
+        raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
+    if code == REC_USER_KEY:
+        raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
+    raise SystemError(f"statecore: unknown record problem {code}")
 
 
 cdef tuple section_state(dict sidmap, const uint8_t *k, str where):
@@ -144,25 +181,6 @@ cdef tuple section_state(dict sidmap, const uint8_t *k, str where):
         raise CorruptCheckpointError(f"{where}: a record names state id {sc_be16_get(k + 2)}, "
                                      "which the metadata does not declare")
     return entry
-
-
-cdef int check_record(const uint8_t *key, size_t kl, const uint8_t *v, size_t vl, int64_t ts, int layout, int kg,
-                      str where, sc_kc_parts *parts) except -1:
-    """Validate a record of key group kg whose state has ``layout``: 1 for a tombstone (an incremental delta's:
-    the (state, key, namespace) entry is rewritten from scratch by the records after it), 0 for an entry;
-    CorruptCheckpointError naming ``where`` when malformed.  Shared by load_section and the LMDB tier's bulk
-    load, so both accept exactly the same files."""
-    if sc_kc_parse(key, kl, parts) != SC_OK:
-        raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
-    if ts == TOMBSTONE:
-        if vl or parts.uklen:
-            raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
-        return 1
-    if layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
-        raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
-    if layout != LAYOUT_MAP and parts.uklen:
-        raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
-    return 0
 
 
 def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, Py_ssize_t length, int kg,
@@ -192,7 +210,7 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     cdef size_t kl = 0, vl = 0, plen
     cdef int64_t ts
     cdef long long n = 0
-    cdef int m, j
+    cdef int m, j, rc
     cdef sc_kc_parts parts
     cdef sc_buf *kbuf = &kb.rbuf
     cdef StateTable table
@@ -212,7 +230,9 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
         m = 0
         while p < end and m < LOAD_BLOCK:
             rec = p
-            read_section_record(&p, end, &k, &kl, &v, &vl, &ts, kg, where)
+            rc = section_record(&p, end, &k, &kl, &v, &vl, &ts, kg)
+            if rc:
+                raise_record_problem(rc, kg, where, k)
             if sc_be16_get(k + 2) != last_sid:  # records of one state come in runs: look up once per run
                 if m:
                     p = rec  # the next block starts with this record
@@ -243,7 +263,10 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
             v = vs[j]
             vl = vls[j]
             ts = tss[j]
-            if check_record(key, kl, v, vl, ts, layout, kg, where, &parts):
+            rc = record_kind(key, kl, v, vl, ts, layout, &parts)
+            if rc < 0:
+                raise_record_problem(rc, kg, where, key)
+            if rc == REC_TOMBSTONE:
                 if layout == LAYOUT_MAP:
                     table.mclear(key, kl, sc_table_hash(key, kl))
                 else:

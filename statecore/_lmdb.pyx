@@ -151,6 +151,7 @@ cdef enum:
                              # core keeps in flight (prefetching a whole block at once overflows them)
     CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
     SORT_RUN = 8192          # a flush sorts its buffer in runs of this many entries (then merges them)
+    PARALLEL_SCAN_ENTRIES = 1 << 16  # a state with this many entries is scanned by two threads (snapshot_split)
 
 cdef uint64_t NO_FLOOR = 0xFFFFFFFFFFFFFFFFULL
 RETRY_DELAY = 0.5  # seconds after a failed flush before an ordinary operation retries it in the background
@@ -447,16 +448,27 @@ cdef bytes lmdb_key(const uint8_t *k, size_t kl):
 cdef int parse_raw(const uint8_t *p, size_t n, int64_t *ts, const uint8_t **fk, size_t *fkl, const uint8_t **v,
                    size_t *vl) except -1:
     """Split an LMDB value; *fk is NULL when the LMDB key is the composite key."""
+    cdef int rc = split_raw(p, n, ts, fk, fkl, v, vl)
+    if rc == -1:
+        raise StateError("statecore: corrupt LMDB record (truncated)")
+    if rc == -2:
+        raise StateError("statecore: corrupt LMDB record (bad key length)")
+    return 0
+
+
+cdef int split_raw(const uint8_t *p, size_t n, int64_t *ts, const uint8_t **fk, size_t *fkl, const uint8_t **v,
+                   size_t *vl) noexcept nogil:
+    """parse_raw without the GIL: 0, or -1 truncated, -2 a bad key length."""
     cdef const uint8_t *end = p + n
     cdef uint64_t m = 0
     cdef size_t used
     if n < 9:
-        raise StateError("statecore: corrupt LMDB record (truncated)")
+        return -1
     ts[0] = <int64_t>sc_be64_get(p + 1)
     if p[0] & V_HASHED:
         used = sc_varint_get(p + 9, end, &m)
         if used == 0 or m > <uint64_t>(end - p - 9 - used):
-            raise StateError("statecore: corrupt LMDB record (bad key length)")
+            return -2
         fk[0] = p + 9 + used
         fkl[0] = m
         p = p + 9 + used + m
@@ -2264,6 +2276,45 @@ cdef class LMDBStateTable(StateTable):
     cdef long long snapshot(self, SnapshotSink sink) except -1:
         return self.each_live(sink, None)
 
+    cdef long long snapshot_split(self, SnapshotSink sink, SnapshotSink second) except -1:
+        """A large state's LMDB records are scanned by two threads, the lower half of the key groups into sink
+        and the upper half into second, each with a read transaction of its own (the caller's checkpoint holds
+        the backend, so a flush committing between their beginnings only adds records that a buffer still
+        shadows); the buffered entries then go to sink.  A state that needs its lists' append-deltas resolved
+        (a Python call per record) or is small takes the one-thread scan."""
+        cdef sc_table **tabs
+        cdef Py_ssize_t ntabs = 0
+        cdef Memtable m
+        cdef long long n
+        cdef int mid
+        cdef size_t bound
+        cdef _ScanHalf upper
+        self.s.guard()
+        if self.sid < 0 or not self.s.spilled or (self.lbit and self.s.ndeltas) or self.n < PARALLEL_SCAN_ENTRIES \
+                or sink.kg_end <= sink.kg_start or second.kg_start != sink.kg_start or second.kg_end != sink.kg_end:
+            return self.snapshot(sink)
+        mid = (sink.kg_start + sink.kg_end) // 2
+        bound = self.s.record_bytes_bound() // 2
+        sink.check(sink.presize(bound))
+        second.check(second.presize(bound))
+        tabs = <sc_table **>malloc((self.s.nimm + 1) * sizeof(sc_table *))
+        if tabs is NULL:
+            raise MemoryError()
+        upper = _ScanHalf()
+        try:
+            for m in self.tiers():
+                if m.t is not NULL and m.t.count:
+                    tabs[ntabs] = m.t
+                    ntabs += 1
+            upper.start(self, self.s.env.begin(buffers=False), mid + 1, sink.kg_end, tabs, ntabs, second)
+            n = scan_lmdb(self.s.txn(), sink.kg_start, mid, tabs, ntabs, self.sid, self.lbit, self.s.ndeltas,
+                          resolve_live, self, NULL, sink, None)
+            n += upper.finish()
+            return n + scan_buffers(tabs, ntabs, self.sid, resolve_live, self, sink, None)
+        finally:
+            upper.join()
+            free(tabs)
+
     cdef object consistent_copy(self):
         """This state's view of the store's cut (one cut shared by every state of one checkpoint)."""
         cdef LMDBCut c = self.s.cut()
@@ -2296,7 +2347,6 @@ cdef class LMDBStateTable(StateTable):
 
 cdef enum:
     SCAN_CHUNK = 256     # LMDB records a key scan reads per cursor pass
-    SCAN_YIELD = 4096    # a checkpoint scan drops the GIL after this many LMDB records
 
 
 cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
@@ -2923,7 +2973,8 @@ cdef int resolve_cut(object ctx, const uint8_t *k, size_t kl, uint32_t h, const 
     return 1
 
 
-cdef inline sc_entry *tabs_find(sc_table **tabs, Py_ssize_t ntabs, const uint8_t *k, size_t kl, uint32_t h) noexcept:
+cdef inline sc_entry *tabs_find(sc_table **tabs, Py_ssize_t ntabs, const uint8_t *k, size_t kl,
+                                uint32_t h) noexcept nogil:
     """The newest version of k in tabs (oldest first), or NULL."""
     cdef Py_ssize_t i
     cdef sc_entry *e
@@ -2943,23 +2994,37 @@ cdef inline int emit(SnapshotSink sink, list out, const uint8_t *k, size_t kl, c
     return 0
 
 
+cdef enum:
+    SCAN_DONE = 0          # scan_range: past the key-group range (or LMDB's end)
+    SCAN_RECORD = 1        # the cursor is on a live record the caller must handle (list deltas, no sink)
+    SCAN_CURSOR = -1       # LMDB failed (Cursor.raise_err)
+    SCAN_CORRUPT = -2      # a malformed LMDB record
+    SCAN_CANCELLED = -3    # *cancel was set
+    SCAN_SINK = -4         # sink.add failed (its code in *sink_rc)
+
+
+cdef inline int settled(const uint8_t *lk, size_t lkl, uint8_t s0, uint8_t s1, int *next_kg) noexcept nogil:
+    """1 when LMDB key lk is a record of state (s0, s1); else 0 and *next_kg = the key group whose range of the
+    state comes next in LMDB order (lk's own, or the next one when lk sorts after the state's range in it)."""
+    cdef int kgi
+    if lkl >= 4 and lk[2] == s0 and lk[3] == s1:
+        return 1
+    kgi = (lk[0] << 8 | lk[1]) if lkl >= 2 else (lk[0] if lkl == 1 else 0)
+    if lkl > 2 and (lk[2] > s0 or (lk[2] == s0 and lkl > 3 and lk[3] > s1)):
+        kgi += 1
+    next_kg[0] = kgi
+    return 0
+
+
 cdef int sid_settle(Cursor cur, int ok, uint8_t s0, uint8_t s1) except -1:
     """From the cursor's record (ok: it has one) on, the first record of state (s0, s1) in LMDB order, seeking
     over other states' records to the state's range in the next candidate key group: 1 when the cursor is on
     one, 0 when there is none left."""
-    cdef const uint8_t *lk
-    cdef size_t lkl
-    cdef long kgi
+    cdef int kgi = 0
     cdef uint8_t target[4]
     while ok:
-        lk = <const uint8_t *>cur.key_.mv_data
-        lkl = cur.key_.mv_size
-        if lkl >= 4 and lk[2] == s0 and lk[3] == s1:
+        if settled(<const uint8_t *>cur.key_.mv_data, cur.key_.mv_size, s0, s1, &kgi):
             return 1
-        # the key group of lk, + 1 when lk sorts after the state's range in it
-        kgi = (lk[0] << 8 | lk[1]) if lkl >= 2 else (lk[0] if lkl == 1 else 0)
-        if lkl > 2 and (lk[2] > s0 or (lk[2] == s0 and lkl > 3 and lk[3] > s1)):
-            kgi += 1
         if kgi > 0xFFFF:
             return 0
         target[0] = <uint8_t>(kgi >> 8)
@@ -2970,68 +3035,120 @@ cdef int sid_settle(Cursor cur, int ok, uint8_t s0, uint8_t s1) except -1:
     return 0
 
 
-cdef long long scan_live(Transaction txn, sc_table **tabs, Py_ssize_t ntabs, int sid, int lbit, long long ndeltas,
-                         resolve_fn resolve, object ctx, const bint *cancel, SnapshotSink sink, list out) except -1:
-    """Every live entry of state sid (newest version; lists resolved) to sink (or appended to out): the LMDB
-    records of txn not shadowed by a buffer (tabs, oldest first), then the buffered entries.  The checkpoint
-    scan of LMDBStateTable (live) and LMDBCut (a cut) alike.
+cdef int scan_range(Cursor cur, int ok, int kg_end, uint8_t s0, uint8_t s1, sc_table **tabs, Py_ssize_t ntabs,
+                    bint per_record, const bint *cancel, SnapshotSink sink, long long *n,
+                    int *sink_rc) noexcept nogil:
+    """The LMDB records of state (s0, s1) from the cursor's (ok: positioned) up to key group kg_end that no
+    buffer shadows (tabs), to sink, without the GIL: seeks over other states' records to the state's range in
+    the next key group, parses records in place in the map (no object per record).  With per_record each such
+    record is left to the caller (SCAN_RECORD, the cursor on it).  Returns a SCAN_* code."""
+    cdef const uint8_t *lk
+    cdef const uint8_t *raw
+    cdef const uint8_t *fk
+    cdef const uint8_t *v
+    cdef const uint8_t *kp
+    cdef size_t lkl, fkl, vl, kl
+    cdef int64_t ts
+    cdef int kgi = 0, rc
+    cdef uint8_t target[4]
+    while ok > 0:
+        if cancel is not NULL and cancel[0]:
+            return SCAN_CANCELLED
+        lk = <const uint8_t *>cur.key_.mv_data
+        lkl = cur.key_.mv_size
+        if not settled(lk, lkl, s0, s1, &kgi):
+            if kgi > kg_end or kgi > 0xFFFF:
+                return SCAN_DONE
+            target[0] = <uint8_t>(kgi >> 8)
+            target[1] = <uint8_t>(kgi & 0xFF)
+            target[2] = s0
+            target[3] = s1
+            ok = cur.cset_range_nogil(target, 4)
+            continue
+        if (lk[0] << 8 | lk[1]) > kg_end:
+            return SCAN_DONE
+        raw = <const uint8_t *>cur.val_.mv_data
+        if cur.val_.mv_size and raw[0] & V_DELTA:
+            ok = cur.cnext_nogil()
+            continue
+        if split_raw(raw, cur.val_.mv_size, &ts, &fk, &fkl, &v, &vl):
+            return SCAN_CORRUPT
+        if fk is NULL:
+            kp = lk
+            kl = lkl
+        else:
+            kp = fk
+            kl = fkl
+        if ntabs == 0 or tabs_find(tabs, ntabs, kp, kl, sc_table_hash(kp, kl)) is NULL:
+            if per_record:
+                return SCAN_RECORD
+            rc = sink.add(kp, kl, NULL, 0, v, vl, ts)
+            if rc:
+                sink_rc[0] = rc
+                return SCAN_SINK
+            n[0] += 1
+        ok = cur.cnext_nogil()
+    return SCAN_CURSOR if ok < 0 else SCAN_DONE
 
-    LMDB is walked with a C cursor, across key groups (a seek to each key group's first record of the state),
-    records parsed in place in the map: no Python object per record.  *cancel (when not NULL) is checked at
-    every record; the GIL is dropped every SCAN_YIELD records (a checkpoint thread's scan lets the caller's
-    thread run)."""
-    cdef long long n = 0, seen = 0
+
+cdef long long scan_lmdb(Transaction txn, int kg_start, int kg_end, sc_table **tabs, Py_ssize_t ntabs, int sid,
+                         int lbit, long long ndeltas, resolve_fn resolve, object ctx, const bint *cancel,
+                         SnapshotSink sink, list out) except -1:
+    """The LMDB part of scan_live over key groups [kg_start, kg_end]: scan_range with the GIL released, the
+    records it leaves (lists with append-deltas to resolve, or no sink) handled here."""
+    cdef long long n = 0
     cdef int64_t ts
     cdef const uint8_t *fk
     cdef const uint8_t *v
     cdef const uint8_t *kp
-    cdef const uint8_t *lk
-    cdef size_t fkl, vl, pos, kl, lkl
+    cdef size_t fkl, vl, kl
     cdef uint32_t h
-    cdef sc_entry *e
-    cdef Py_ssize_t i
     cdef uint8_t target[4]
     cdef uint8_t s0 = <uint8_t>(sid >> 8)
     cdef uint8_t s1 = <uint8_t>(sid & 0xFF)
-    cdef Cursor cur
-    cdef int ok
-    if txn is not None:
-        cur = txn.ccursor()
-        target[0] = 0
-        target[1] = 0
+    cdef bint per_record = (lbit and ndeltas) or sink is None
+    cdef int ok, rc, sink_rc = 0
+    cdef Cursor cur = txn.ccursor()
+    try:
+        target[0] = <uint8_t>(kg_start >> 8)
+        target[1] = <uint8_t>(kg_start & 0xFF)
         target[2] = s0
         target[3] = s1
-        ok = sid_settle(cur, cur.cset_range(target, 4), s0, s1)
-        while ok:
-            seen += 1
-            if cancel is not NULL and cancel[0]:
+        ok = cur.cset_range(target, 4)
+        while True:
+            with nogil:
+                rc = scan_range(cur, ok, kg_end, s0, s1, tabs, ntabs, per_record, cancel, sink, &n, &sink_rc)
+            if rc == SCAN_DONE:
+                return n
+            if rc == SCAN_CURSOR:
+                cur.raise_err()
+            if rc == SCAN_CANCELLED:
                 raise_cut_closed()
-            if seen % SCAN_YIELD == 0:
-                with nogil:
-                    pass
-            lk = <const uint8_t *>cur.key_.mv_data
-            lkl = cur.key_.mv_size
-            if cur.val_.mv_size and (<const uint8_t *>cur.val_.mv_data)[0] & V_DELTA:
-                ok = sid_settle(cur, cur.cnext(), s0, s1)
-                continue
+            if rc == SCAN_SINK:
+                sink.check(sink_rc)
             parse_raw(<const uint8_t *>cur.val_.mv_data, cur.val_.mv_size, &ts, &fk, &fkl, &v, &vl)
-            if fk is NULL:
-                kp = lk
-                kl = lkl
-            else:
-                kp = fk
-                kl = fkl
-            h = sc_table_hash(kp, kl) if ntabs or (lbit and ndeltas) else 0
-            if ntabs == 0 or tabs_find(tabs, ntabs, kp, kl, h) is NULL:
-                if lbit and ndeltas:
-                    if resolve(ctx, kp, kl, h, &v, &vl, &ts):
-                        emit(sink, out, kp, kl, v, vl, ts)
-                        n += 1
-                else:
+            if rc == SCAN_RECORD:
+                kp = <const uint8_t *>cur.key_.mv_data if fk is NULL else fk
+                kl = cur.key_.mv_size if fk is NULL else fkl
+                h = sc_table_hash(kp, kl)
+                if not (lbit and ndeltas) or resolve(ctx, kp, kl, h, &v, &vl, &ts):
                     emit(sink, out, kp, kl, v, vl, ts)
                     n += 1
-            ok = sid_settle(cur, cur.cnext(), s0, s1)
+                ok = cur.cnext()
+    finally:
         cur.kill()
+
+
+cdef long long scan_buffers(sc_table **tabs, Py_ssize_t ntabs, int sid, resolve_fn resolve, object ctx,
+                            SnapshotSink sink, list out) except -1:
+    """The buffered part of scan_live: the newest buffered version of each key of state sid (tabs, oldest
+    first), tombstones left out, append-deltas resolved."""
+    cdef long long n = 0
+    cdef int64_t ts
+    cdef const uint8_t *v
+    cdef size_t pos, vl
+    cdef sc_entry *e
+    cdef Py_ssize_t i
     for i in range(ntabs):
         pos = 0
         while True:
@@ -3050,6 +3167,76 @@ cdef long long scan_live(Transaction txn, sc_table **tabs, Py_ssize_t ntabs, int
                 emit(sink, out, sc_entry_key(e), e.klen, bval(e), bvlen(e), ets(e))
                 n += 1
     return n
+
+
+cdef long long scan_live(Transaction txn, sc_table **tabs, Py_ssize_t ntabs, int sid, int lbit, long long ndeltas,
+                         resolve_fn resolve, object ctx, const bint *cancel, SnapshotSink sink, list out) except -1:
+    """Every live entry of state sid (newest version; lists resolved) to sink (or appended to out): the LMDB
+    records of txn not shadowed by a buffer (tabs, oldest first), then the buffered entries.  The checkpoint
+    scan of LMDBStateTable (live) and LMDBCut (a cut) alike.
+
+    LMDB is walked with a C cursor across key groups without the GIL (scan_range), records parsed in place in
+    the map: no Python object per record.  *cancel (when not NULL) is checked at every record."""
+    cdef long long n = 0
+    if txn is not None:
+        n = scan_lmdb(txn, 0, 0xFFFF, tabs, ntabs, sid, lbit, ndeltas, resolve, ctx, cancel, sink, out)
+    return n + scan_buffers(tabs, ntabs, sid, resolve, ctx, sink, out)
+
+
+@cython.final
+cdef class _ScanHalf:
+    """LMDBStateTable.snapshot_split's second thread: scan_lmdb over key groups [lo, hi] into its own sink,
+    with its own read transaction (aborted when done)."""
+    cdef LMDBStateTable table
+    cdef Transaction txn
+    cdef int lo
+    cdef int hi
+    cdef sc_table **tabs
+    cdef Py_ssize_t ntabs
+    cdef SnapshotSink sink
+    cdef long long n
+    cdef object error
+    cdef object thread
+
+    cdef int start(self, LMDBStateTable table, Transaction txn, int lo, int hi, sc_table **tabs, Py_ssize_t ntabs,
+                   SnapshotSink sink) except -1:
+        self.table = table
+        self.txn = txn
+        self.lo = lo
+        self.hi = hi
+        self.tabs = tabs
+        self.ntabs = ntabs
+        self.sink = sink
+        self.thread = threading.Thread(target=self.run, name="statecore-snapshot", daemon=True)
+        self.thread.start()
+        return 0
+
+    def run(self):
+        cdef LMDBStateTable t = self.table
+        try:
+            self.n = scan_lmdb(self.txn, self.lo, self.hi, self.tabs, self.ntabs, t.sid, t.lbit, t.s.ndeltas,
+                               resolve_live, t, NULL, self.sink, None)
+        except BaseException as e:  # re-raised by finish() in the caller's thread
+            self.error = e
+        finally:
+            self.txn.abort()
+
+    cdef long long finish(self) except -1:
+        """Wait for the scan; its count, or its exception."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        err, self.error = self.error, None
+        if err is not None:
+            raise err
+        return self.n
+
+    cdef int join(self) except -1:
+        """Wait for the thread (the caller is failing: its own error is the one raised)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        return 0
 
 
 cdef int raise_cut_closed() except -1:

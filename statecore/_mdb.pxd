@@ -102,3 +102,9 @@ cdef class Cursor:
     cdef int cnext(self) except -1
     cdef int cfirst(self) except -1
     cdef int crefresh(self) except -1              # after a write through the transaction
+    # the same without the GIL (a read transaction's scan): 1 positioned, 0 not, -1 failed (raise_err raises)
+    cdef int err                                   # the LMDB code of the last failed *_nogil call (0: invalid)
+    cdef int op_nogil(self, int op) noexcept nogil
+    cdef int cset_range_nogil(self, const uint8_t *k, size_t kl) noexcept nogil
+    cdef int cnext_nogil(self) noexcept nogil
+    cdef int raise_err(self) except -1

@@ -849,6 +849,39 @@ cdef class Cursor:
             self.op(MDB_GET_CURRENT)
         return 0
 
+    cdef int op_nogil(self, int op) noexcept nogil:
+        """op() without the GIL, for read transactions (no write can move the cursor meanwhile)."""
+        cdef int rc
+        if not self.valid:
+            self.err = 0
+            return -1
+        rc = mdb_cursor_get(self.cur, &self.key_, &self.val_, <MDB_cursor_op>op)
+        self.positioned = rc == 0
+        if rc == 0:
+            return 1
+        self.key_.mv_size = 0
+        self.val_.mv_size = 0
+        if rc == MDB_NOTFOUND:
+            return 0
+        self.err = rc
+        return -1
+
+    cdef int cset_range_nogil(self, const uint8_t *k, size_t kl) noexcept nogil:
+        if kl == 0:
+            return self.op_nogil(MDB_FIRST)
+        self.key_.mv_size = kl
+        self.key_.mv_data = <void *>k
+        return self.op_nogil(MDB_SET_RANGE)
+
+    cdef int cnext_nogil(self) noexcept nogil:
+        return self.op_nogil(MDB_NEXT)
+
+    cdef int raise_err(self) except -1:
+        """Raise what the last failed *_nogil call met."""
+        if self.err == 0:
+            fail_invalid()
+        fail("mdb_cursor_get", self.err)
+
     def set_range(self, key):
         """Position at the first key >= key (the first key for an empty key); False past the end."""
         k = as_key(key)

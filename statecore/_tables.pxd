@@ -64,6 +64,7 @@ cdef class StateTable:
     cdef long cleanup(self, size_t n, int64_t ttl, int64_t now, int layout, sc_buf *scratch) except -1
     cdef void release(self) noexcept
     cdef long long snapshot(self, SnapshotSink sink) except -1
+    cdef long long snapshot_split(self, SnapshotSink sink, SnapshotSink second) except -1
     cdef object consistent_copy(self)
     cdef int restamp(self, int64_t ts, int layout) except -1
     cdef int reserve(self, size_t n) except -1

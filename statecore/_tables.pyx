@@ -108,6 +108,11 @@ cdef class StateTable:
     cdef long long snapshot(self, SnapshotSink sink) except -1:
         raise NotImplementedError(f"{type(self).__name__} cannot take snapshots yet")
 
+    cdef long long snapshot_split(self, SnapshotSink sink, SnapshotSink second) except -1:
+        """snapshot() into two sinks over the same key groups, on two threads where the table can (large
+        tables of the LMDB tier: a half of the key groups each); by default all of it into sink."""
+        return self.snapshot(sink)
+
     cdef object consistent_copy(self):
         raise NotImplementedError(f"{type(self).__name__} cannot take snapshots yet")
 
@@ -427,7 +432,7 @@ cdef class HeapStateTable(StateTable):
 
 # ------------------------------------------------------------------ snapshot entry points
 
-#: Heap tables with at least this many entries are serialized by two threads (see snapshot_table).
+#: Tables with at least this many entries are serialized by two threads (see snapshot_table).
 PARALLEL_SNAPSHOT_ENTRIES = 1 << 16
 
 
@@ -439,12 +444,16 @@ def snapshot_table(StateTable table, SnapshotSink sink, SnapshotSink second=None
     its slot array and the second half is serialized into ``second`` by a helper
     thread at the same time: the table is only read, and each thread owns its
     sink.  The caller must not change the table meanwhile (checkpoint holds the
-    backend; an asynchronous checkpoint serializes a private copy).
+    backend; an asynchronous checkpoint serializes a private copy).  Other
+    tables split as their ``snapshot_split`` does (the LMDB tier: by key group).
     """
     cdef HeapStateTable heap
     cdef size_t mid
-    if second is None or not isinstance(table, HeapStateTable) or \
-            (<HeapStateTable>table).t.count < PARALLEL_SNAPSHOT_ENTRIES:
+    if second is None:
+        return table.snapshot(sink)
+    if not isinstance(table, HeapStateTable):
+        return table.snapshot_split(sink, second)
+    if (<HeapStateTable>table).t.count < PARALLEL_SNAPSHOT_ENTRIES:
         return table.snapshot(sink)
     heap = <HeapStateTable>table
     mid = (heap.t.mask + 1) // 2

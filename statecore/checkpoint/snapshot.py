@@ -185,13 +185,16 @@ class _Cut:
     def serialize(self, cleanup_expired):
         """Fill the sinks from the tables (the expensive part; heap tables release the GIL).
 
-        Heap state is serialized by two threads into two sinks (halves of each
-        large table); the LMDB tier uses one sink that spills runs to a temp file
-        in its working directory, so a checkpoint's memory stays bounded.
+        A full snapshot of a large table is serialized by two threads into two
+        sinks (heap: halves of the slot array; LMDB tier: halves of the key
+        groups).  The LMDB tier's sinks spill runs to a temp file in its working
+        directory, each past half the spill limit, so a checkpoint's memory stays
+        bounded.
         """
-        sink = SnapshotSink(self.kgr.start, self.kgr.end, self.spill_dir, self.spill_bytes)
-        parallel = self.delta is None and not self.spill_bytes
-        second = SnapshotSink(self.kgr.start, self.kgr.end) if parallel else None
+        parallel = self.delta is None
+        spill = self.spill_bytes // 2 if parallel and self.spill_bytes else self.spill_bytes
+        sink = SnapshotSink(self.kgr.start, self.kgr.end, self.spill_dir, spill)
+        second = SnapshotSink(self.kgr.start, self.kgr.end, self.spill_dir, spill) if parallel else None
         sinks = [sink] if second is None else [sink, second]
         states = []
         if self.delta is not None:

@@ -96,6 +96,12 @@ Design (RocksDB's memtables + block cache in front of sorted storage):
   LMDB append-deltas from the first sequence number of a buffer whose flush has started but which is not
   retired are skipped (the buffer holds them), in the cut and in live reads alike.  While a cut holds its
   transaction the map is not resized: a flush that fills it waits until the cut is released.
+* Checkpoint scans (``scan_live``) walk LMDB with a C cursor without the GIL (``scan_range``); a state of at
+  least PARALLEL_SCAN_ENTRIES entries is scanned by two threads, half of the key groups each with a read
+  transaction of its own, into two snapshot sinks (``snapshot_split``).
+* Restore (``bulk_load``): the first section of each key group goes straight into LMDB, encoded without
+  the GIL while a writer thread commits the previous batch (no write buffer, no flush-time sort, memory
+  bounded by two batches); incremental deltas are replayed through the write buffers after their base.
 * Fork: any use in a forked child raises StateError, and the at-fork hook
   keeps the child from ever closing the inherited environment.
 """

@@ -158,6 +158,7 @@ cdef enum:
     CLEANUP_CHUNK = 128      # LMDB records incremental cleanup reads ahead per cursor pass
     SORT_RUN = 8192          # a flush sorts its buffer in runs of this many entries (then merges them)
     PARALLEL_SCAN_ENTRIES = 1 << 16  # a state with this many entries is scanned by two threads (snapshot_split)
+    BULK_BATCH_BYTES = 512 << 10     # a restore's bulk load writes LMDB transactions of about this size
 
 cdef uint64_t NO_FLOOR = 0xFFFFFFFFFFFFFFFFULL
 RETRY_DELAY = 0.5  # seconds after a failed flush before an ordinary operation retries it in the background
@@ -3572,37 +3573,69 @@ cdef int write_batch(LMDBStore s, const bbatch *b) except -1:
 @cython.final
 cdef class BulkWriter:
     """Writes bulk_load's batches on a thread of its own while the next batch is encoded (two cores: LMDB's
-    B-tree appends and the page-cache writes of its commits overlap with parsing and encoding)."""
+    B-tree appends and the page-cache writes of its commits overlap with parsing and encoding).  One thread
+    for the whole load (a restore writes a hundred batches and more)."""
     cdef LMDBStore s
     cdef bbatch *b
     cdef object thread
+    cdef object go
+    cdef object done
+    cdef bint busy
+    cdef bint stop
     cdef object error
 
-    cdef int start(self, LMDBStore s, bbatch *b) except -1:
+    cdef int submit(self, LMDBStore s, bbatch *b) except -1:
+        """Write b on the thread (the previous batch must be finished)."""
+        if self.thread is None:
+            self.go = threading.Event()
+            self.done = threading.Event()
+            self.thread = threading.Thread(target=self.run, name="statecore-restore-write", daemon=True)
+            self.thread.start()
         self.s = s
         self.b = b
         self.error = None
-        self.thread = threading.Thread(target=self.run, name="statecore-restore-write", daemon=True)
-        self.thread.start()
+        self.busy = True
+        self.done.clear()
+        self.go.set()
         return 0
 
     def run(self):
-        try:
-            write_batch(self.s, self.b)
-        except BaseException as e:  # re-raised (or handled: a full map) by finish() in the caller's thread
-            self.error = e
+        while True:
+            self.go.wait()
+            self.go.clear()
+            if self.stop:
+                return
+            try:
+                write_batch(self.s, self.b)
+            except BaseException as e:  # re-raised (or handled: a full map) by finish() in the caller's thread
+                self.error = e
+            self.done.set()
 
     cdef int finish(self) except -1:
         """Wait for the batch; a full map is doubled and the batch written again here, other errors raised."""
-        if self.thread is None:
+        if not self.busy:
             return 0
-        self.thread.join()
-        self.thread = None
+        self.done.wait()
+        self.busy = False
         err, self.error = self.error, None
         if err is not None:
             if not isinstance(err, lmdb.MapFullError):
                 raise err
             commit_batch(self.s, self.b)
+        return 0
+
+    cdef int close(self) except -1:
+        """Wait for the batch being written (its error is dropped: the caller is failing or finished), end
+        the thread."""
+        if self.thread is None:
+            return 0
+        if self.busy:
+            self.done.wait()
+            self.busy = False
+        self.stop = True
+        self.go.set()
+        self.thread.join()
+        self.thread = None
         return 0
 
 
@@ -3628,7 +3661,7 @@ def bulk_load(LMDBStore s, list sections):
     no buffered or LMDB version of its keys exists.  The records are validated exactly as load_section does
     (``CorruptCheckpointError`` naming ``where``), relabelled with the restoring backend's state ids, put in
     LMDB key order per section (a checkpoint of this tier already is) and written as LMDB records in write
-    transactions of about ``txn_entries`` x 1 KiB (MDB_APPEND while the keys land past LMDB's last key): no
+    transactions of about 512 KiB (MDB_APPEND while the keys land past LMDB's last key): no
     write buffer insert, no flush-time sort, and memory bounded by two transactions whatever the state's size
     (Flink's RocksDB restore also writes straight into the database, through a write batch).  Encoding runs
     without the GIL while a thread writes the previous batch.  Entry counts and the key filter are kept as
@@ -3659,9 +3692,10 @@ def bulk_load(LMDBStore s, list sections):
     s.guard()
     if s.buf.count or s.nimm:
         return list(sections)
-    # about an eighth of the dirty budget per write transaction: the arena stays in cache (a 16 MiB one, faulted
-    # in anew at every restore, made encoding twice as slow, measured), and LMDB's commits are cheap (no sync)
-    limit = max(<size_t>1 << 20, s.txn_entries * 1024)
+    # small write transactions: a batch is still in cache when the writer thread reads it, and so are LMDB's
+    # recycled dirty pages; commits are cheap (no sync).  1M entries, measured: 16 MiB batches 170 ms, 4 MiB
+    # 120 ms, 2 MiB 102 ms, 512 KiB 94 ms (all under the dirty budget's bound, txn_entries x 1 KiB)
+    limit = min(<size_t>BULK_BATCH_BYTES, max(<size_t>1 << 16, s.txn_entries * 1024))
     memset(batches, 0, sizeof(batches))
     b = &batches[0]
     try:
@@ -3738,7 +3772,7 @@ def bulk_load(LMDBStore s, list sections):
             b.n = 0
     finally:
         try:
-            writer.finish()
+            writer.close()
         finally:
             free(recs)
             batch_free(&batches[0])
@@ -3757,7 +3791,7 @@ cdef int hand_off(LMDBStore s, BulkWriter writer, bbatch *b) except -1:
         batch_filter_bits(s, b)
     s.spilled = True
     writer.finish()
-    writer.start(s, b)
+    writer.submit(s, b)
     return 0
 
 

@@ -118,9 +118,9 @@ from statecore._csrc cimport (SC_OK, SC_PREFETCH, SC_VARINT_MAX, sc_be16_get, sc
                               sc_now_ms, sc_table, sc_table_append, sc_table_clone, sc_table_delete,
                               sc_table_delete_entry, sc_table_find, sc_table_free, sc_table_hash, sc_table_new, sc_table_next,
                               sc_table_prefetch, sc_table_put, sc_table_slot, sc_ttl_expired, sc_varint_get, sc_varint_put)
-from statecore._records cimport as_bytes, buf_init, filter_list_blob, read_data_record, reserve, restamp_blob
-from statecore._states cimport (REC_TOMBSTONE, SnapshotSink, StateTable, raise_record_problem, record_kind,
-                               section_record, section_state)
+from statecore._records cimport (REC_TOMBSTONE, as_bytes, buf_init, filter_list_blob, read_data_record, record_kind,
+                                reserve, restamp_blob, section_record)
+from statecore._states cimport SnapshotSink, StateTable, raise_record_problem, section_state
 from statecore._status cimport check
 from statecore._mdb cimport MDB_OP_DEL, MDB_OP_DEL_SUFFIXED, MDB_OP_PUT, Cursor, MDB_val, Transaction, mdb_op
 
@@ -3475,7 +3475,7 @@ cdef int encode_records(const uint8_t **pp, const uint8_t *end, int kg, int src_
         if sc_be16_get(k + 2) != src_sid:
             pp[0] = rec
             return ENC_NEW_STATE
-        rc = record_kind(k, kl, v, vl, ts, layout, &parts)
+        rc = record_kind(k, kl, v, vl, ts, layout == LAYOUT_LIST, layout == LAYOUT_MAP, &parts)
         if rc < 0:
             bad[0] = k
             return rc

@@ -8,10 +8,10 @@
   StateError (stored state) or CorruptCheckpointError (checkpoint bytes).
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdint cimport INT64_MIN, int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy
 
-from statecore._csrc cimport (SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be64_get, sc_be64_put, sc_buf, sc_buf_reserve, sc_buf_write,
+from statecore._csrc cimport (SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be16_get, sc_kc_parse, sc_kc_parts, sc_be64_get, sc_be64_put, sc_buf, sc_buf_reserve, sc_buf_write,
                               sc_ttl_expired, sc_varint_get, sc_varint_put)
 
 
@@ -118,3 +118,60 @@ cdef inline void restamp_blob(uint8_t *p, const uint8_t *end, int64_t ts) noexce
         if read_record(<const uint8_t **>&p, end, &old, &el, &ell) <= 0:
             return
         sc_be64_put(rec, <uint64_t>ts)
+
+
+# -- keyed data-file records (a restore's loaders: _states.load_section, _lmdb.bulk_load) ------------------
+
+cdef enum:
+    REC_OK = 0
+    REC_TOMBSTONE = 1       # record_kind: a delta's tombstone
+    REC_BAD_KEY = -1        # problem codes (_states.raise_record_problem raises them)
+    REC_BAD_VALUE = -2
+    REC_WRONG_KG = -3
+    REC_BAD_COMPOSITE = -4
+    REC_BAD_TOMBSTONE = -5
+    REC_BAD_LIST = -6
+    REC_USER_KEY = -7
+
+
+cdef inline bint valid_list_blob(const uint8_t *p, const uint8_t *end) noexcept nogil:
+    """A ListState value is a sequence of well-formed records (checked on restore, before it is stored)."""
+    cdef const uint8_t *el
+    cdef size_t ell
+    cdef int64_t ts
+    cdef int rc
+    while True:
+        rc = read_record(&p, end, &ts, &el, &ell)
+        if rc <= 0:
+            return rc == 0
+
+
+cdef inline int section_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl,
+                               const uint8_t **v, size_t *vl, int64_t *ts, int kg) noexcept nogil:
+    """Read the next record of key group kg's section: REC_OK (advanced past it), or a problem code (bounds,
+    or a record of another key group).  Inline: it runs once per restored record."""
+    cdef int rc = read_data_record(pp, end, k, kl, v, vl, ts)
+    if rc == -1:
+        return REC_BAD_KEY
+    if rc == -2:
+        return REC_BAD_VALUE
+    if sc_be16_get(k[0]) != kg:
+        return REC_WRONG_KG
+    return REC_OK
+
+
+cdef inline int record_kind(const uint8_t *key, size_t kl, const uint8_t *v, size_t vl, int64_t ts, bint is_list,
+                            bint is_map, sc_kc_parts *parts) noexcept nogil:
+    """What a record of a list / map / other state is: REC_OK (an entry), REC_TOMBSTONE (an incremental delta's:
+    the (state, key, namespace) entry is rewritten from scratch by the records after it; ts = INT64_MIN), or a
+    problem code."""
+    if sc_kc_parse(key, kl, parts) != SC_OK:
+        return REC_BAD_COMPOSITE
+    if ts == INT64_MIN:
+        return REC_BAD_TOMBSTONE if vl or parts.uklen else REC_TOMBSTONE
+    if is_list and not valid_list_blob(v, v + vl):
+        return REC_BAD_LIST
+    if not is_map and parts.uklen:
+        return REC_USER_KEY
+    return REC_OK
+

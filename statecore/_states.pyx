@@ -34,8 +34,10 @@ from statecore._csrc cimport (SC_ENOMEM, SC_KC_HEAD, SC_OK, SC_VARINT_MAX, sc_be
                               sc_table_delete, sc_table_delete_entry, sc_table_expire_scan, sc_table_find, sc_table_free,
                               sc_table_clear, sc_table_reserve, sc_table_get_inner, sc_table_hash, sc_table_new, sc_table_next, sc_table_prefetch,
                               sc_table_put, sc_table_slot, sc_table_clone, sc_ttl_expired, sc_varint_get, sc_varint_put)
-from statecore._records cimport (append_record, as_bytes, buf_init, filter_list_blob, read_data_record, read_record,
-                                reserve, restamp_blob)
+from statecore._records cimport (REC_BAD_COMPOSITE, REC_BAD_KEY, REC_BAD_LIST, REC_BAD_TOMBSTONE, REC_BAD_VALUE,
+                                REC_TOMBSTONE, REC_USER_KEY, REC_WRONG_KG, append_record, as_bytes, buf_init,
+                                filter_list_blob, read_record, record_kind, reserve, restamp_blob, section_record,
+                                valid_list_blob)
 from statecore._sink cimport LAYOUT_LIST, LAYOUT_MAP, LAYOUT_VALUE, SnapshotSink
 from statecore._status cimport check
 from statecore._tables cimport HeapStateTable, StateTable, next_record
@@ -105,57 +107,14 @@ def snapshot_delta(list prefixes, dict tables, SnapshotSink sink):
     return n
 
 
-cdef bint valid_list_blob(const uint8_t *p, const uint8_t *end) noexcept nogil:
-    """A ListState value is a sequence of well-formed records (checked on restore, before it is stored)."""
-    cdef const uint8_t *el
-    cdef size_t ell
-    cdef int64_t ts
-    cdef int rc
-    while True:
-        rc = read_record(&p, end, &ts, &el, &ell)
-        if rc <= 0:
-            return rc == 0
-
-
 cdef enum:
     LOAD_BLOCK = 256  # records parsed and hashed before any of them is inserted (restore); the inserts
                       # prefetch PREFETCH_AHEAD records ahead
 
 
-cdef int section_record(const uint8_t **pp, const uint8_t *end, const uint8_t **k, size_t *kl, const uint8_t **v,
-                        size_t *vl, int64_t *ts, int kg) noexcept nogil:
-    """Read the next record of key group kg's section: REC_OK (advanced past it), or a problem code for
-    raise_record_problem (bounds, or a record of another key group).  Shared by load_section and the LMDB
-    tier's bulk load, so both accept exactly the same files."""
-    cdef int rc = read_data_record(pp, end, k, kl, v, vl, ts)
-    if rc == -1:
-        return REC_BAD_KEY
-    if rc == -2:
-        return REC_BAD_VALUE
-    if sc_be16_get(k[0]) != kg:
-        return REC_WRONG_KG
-    return REC_OK
-
-
-cdef int record_kind(const uint8_t *key, size_t kl, const uint8_t *v, size_t vl, int64_t ts, int layout,
-                     sc_kc_parts *parts) noexcept nogil:
-    """What a record of a state with ``layout`` is: REC_OK (an entry), REC_TOMBSTONE (an incremental delta's:
-    the (state, key, namespace) entry is rewritten from scratch by the records after it), or a problem code
-    for raise_record_problem."""
-    if sc_kc_parse(key, kl, parts) != SC_OK:
-        return REC_BAD_COMPOSITE
-    if ts == TOMBSTONE:
-        return REC_BAD_TOMBSTONE if vl or parts.uklen else REC_TOMBSTONE
-    if layout == LAYOUT_LIST and not valid_list_blob(v, v + vl):
-        return REC_BAD_LIST
-    if layout != LAYOUT_MAP and parts.uklen:
-        return REC_USER_KEY
-    return REC_OK
-
-
 cdef int raise_record_problem(int code, int kg, str where, const uint8_t *k) except -1:
-    """Raise the CorruptCheckpointError (naming ``where``) of a section_record / record_kind problem code; k:
-    the record's key (REC_WRONG_KG)."""
+    """Raise the CorruptCheckpointError (naming ``where``) of a section_record / record_kind problem code
+    (statecore/_records.pxd); k: the record's key (REC_WRONG_KG)."""
     if code == REC_BAD_KEY:
         raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
     if code == REC_BAD_VALUE:
@@ -198,8 +157,8 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     cdef const uint8_t *p
     cdef const uint8_t *rec
     cdef const uint8_t *end
-    cdef const uint8_t *k
-    cdef const uint8_t *v
+    cdef const uint8_t *k = NULL
+    cdef const uint8_t *v = NULL
     cdef const uint8_t *key
     cdef const uint8_t *vs[LOAD_BLOCK]
     cdef size_t kls[LOAD_BLOCK]
@@ -208,7 +167,7 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
     cdef int64_t tss[LOAD_BLOCK]
     cdef uint32_t hs[LOAD_BLOCK]
     cdef size_t kl = 0, vl = 0, plen
-    cdef int64_t ts
+    cdef int64_t ts = 0
     cdef long long n = 0
     cdef int m, j, rc
     cdef sc_kc_parts parts
@@ -263,7 +222,7 @@ def load_section(KeyedStateBackend kb, const uint8_t[::1] data, Py_ssize_t off, 
             v = vs[j]
             vl = vls[j]
             ts = tss[j]
-            rc = record_kind(key, kl, v, vl, ts, layout, &parts)
+            rc = record_kind(key, kl, v, vl, ts, layout == LAYOUT_LIST, layout == LAYOUT_MAP, &parts)
             if rc < 0:
                 raise_record_problem(rc, kg, where, key)
             if rc == REC_TOMBSTONE:

@@ -3080,12 +3080,8 @@ cdef int scan_range(Cursor cur, int ok, int kg_end, uint8_t s0, uint8_t s1, sc_t
             continue
         if split_raw(raw, cur.val_.mv_size, &ts, &fk, &fkl, &v, &vl):
             return SCAN_CORRUPT
-        if fk is NULL:
-            kp = lk
-            kl = lkl
-        else:
-            kp = fk
-            kl = fkl
+        kp = lk if fk is NULL else fk  # the composite key: the LMDB key, or the full key of a hashed one
+        kl = lkl if fk is NULL else fkl
         if ntabs == 0 or tabs_find(tabs, ntabs, kp, kl, sc_table_hash(kp, kl)) is NULL:
             if per_record:
                 return SCAN_RECORD
@@ -3412,9 +3408,11 @@ cdef int cmp_krec(const void *a, const void *b) noexcept nogil:
 cdef enum:
     ENC_DONE = 0           # encode_records: the section's end
     ENC_NEW_STATE = 1      # the record at *pp belongs to another state (the caller looks it up)
-    ENC_TOMBSTONE = 2      # a delta's tombstone: the section is left to load_section
+    ENC_TOMBSTONE = 2      # a delta's tombstone at *pp: the rest of the section is left to load_section
     ENC_LONG_KEY = 3       # the record at *pp has a hashed LMDB key (sha256 through hashlib: the GIL)
+    ENC_FULL = 4           # the batch reached its size (at a record boundary)
     ENC_NOMEM = -100
+    SECTION_SORT_BYTES = 64 << 20  # an unsorted section is sorted in memory up to this size, else replayed
 
 
 cdef struct bbatch:        # one write transaction's puts: LMDB keys and records in arena, their ops, key hashes
@@ -3454,10 +3452,11 @@ cdef void batch_free(bbatch *b) noexcept nogil:
 
 
 cdef int encode_records(const uint8_t **pp, const uint8_t *end, int kg, int src_sid, uint16_t sid, int layout,
-                        bbatch *b, long long *count, const uint8_t **bad) noexcept nogil:
+                        bbatch *b, size_t stop_at, long long *count, const uint8_t **bad) noexcept nogil:
     """Append the puts of the records at *pp (state src_sid of the file, sid of the restoring backend) to b
-    until the section ends or something needs the caller (ENC_* codes; a problem code of section_record /
-    record_kind with *bad the record's key).  No GIL: the checkpoint's bytes are verified and only read."""
+    until the section ends, b's arena reaches stop_at bytes, or something needs the caller (ENC_* codes; a
+    problem code of section_record / record_kind with *bad the record's key).  No GIL: the checkpoint's bytes
+    are verified and only read."""
     cdef const uint8_t *rec
     cdef const uint8_t *k = NULL
     cdef const uint8_t *v = NULL
@@ -3480,6 +3479,7 @@ cdef int encode_records(const uint8_t **pp, const uint8_t *end, int kg, int src_
             bad[0] = k
             return rc
         if rc == REC_TOMBSTONE:
+            pp[0] = rec
             return ENC_TOMBSTONE
         if kl > MAX_DIRECT_KEY:
             pp[0] = rec
@@ -3503,7 +3503,20 @@ cdef int encode_records(const uint8_t **pp, const uint8_t *end, int kg, int src_
         b.arena.len += n
         b.n += 1
         count[0] += 1
+        if b.arena.len >= stop_at and pp[0] < end:
+            return ENC_FULL
     return ENC_DONE
+
+
+cdef bint ascending(const uint8_t *arena, const mdb_op *ops, size_t n, const sc_buf *after) noexcept nogil:
+    """The puts' keys are strictly ascending, and above ``after`` unless it is empty."""
+    cdef size_t i
+    if n and after.len and cmp_mem(after.data, after.len, arena + ops[0].koff, ops[0].klen) >= 0:
+        return False
+    for i in range(1, n):
+        if cmp_mem(arena + ops[i - 1].koff, ops[i - 1].klen, arena + ops[i].koff, ops[i].klen) >= 0:
+            return False
+    return True
 
 
 cdef int sort_puts(const uint8_t *arena, mdb_op *ops, size_t n, krec **recs, size_t *rcap) noexcept nogil:
@@ -3662,11 +3675,14 @@ def bulk_load(LMDBStore s, list sections):
     (``CorruptCheckpointError`` naming ``where``), relabelled with the restoring backend's state ids, put in
     LMDB key order per section (a checkpoint of this tier already is) and written as LMDB records in write
     transactions of about 512 KiB (MDB_APPEND while the keys land past LMDB's last key): no
-    write buffer insert, no flush-time sort, and memory bounded by two transactions whatever the state's size
-    (Flink's RocksDB restore also writes straight into the database, through a write batch).  Encoding runs
-    without the GIL while a thread writes the previous batch.  Entry counts and the key filter are kept as
-    writes keep them.  A section holding a tombstone (an incremental delta) or one key twice is not written;
-    the returned list holds those items, for load_section, in their order.
+    write buffer insert, no flush-time sort (Flink's RocksDB restore also writes straight into the database,
+    through a write batch).  Encoding runs without the GIL while a thread writes the previous batch.  Entry
+    counts and the key filter are kept as writes keep them.  Memory: two batches, whatever the state's size,
+    when sections are in key order (a section larger than a batch then streams); a section out of order is
+    sorted in memory up to SECTION_SORT_BYTES and replayed through the write buffers beyond.  What is not
+    written here (a section holding a tombstone, as incremental deltas do, or a repeated key; the rest of a
+    section that leaves key order after a part of it was written) is returned as load_section items (a
+    section's tail when a part was written), in their order, to be replayed after.
     """
     cdef const uint8_t[::1] data
     cdef const uint8_t *p
@@ -3677,6 +3693,10 @@ def bulk_load(LMDBStore s, list sections):
     cdef const uint8_t *v = NULL
     cdef size_t kl = 0, vl = 0
     cdef int64_t ts = 0
+    cdef const uint8_t *start
+    cdef const uint8_t *chunk
+    cdef size_t stop_at
+    cdef sc_buf lastkey
     cdef uint8_t head[4]
     cdef bbatch batches[2]
     cdef bbatch *b
@@ -3697,6 +3717,7 @@ def bulk_load(LMDBStore s, list sections):
     # 120 ms, 2 MiB 102 ms, 512 KiB 94 ms (all under the dirty budget's bound, txn_entries x 1 KiB)
     limit = min(<size_t>BULK_BATCH_BYTES, max(<size_t>1 << 16, s.txn_entries * 1024))
     memset(batches, 0, sizeof(batches))
+    buf_init(&lastkey)
     b = &batches[0]
     try:
         for item in sections:
@@ -3705,11 +3726,15 @@ def bulk_load(LMDBStore s, list sections):
                 raise CorruptCheckpointError(f"{where}: key group {kg} section [{off}, +{length}) is outside the file")
             if length == 0:
                 continue
-            p = &data[off]
+            start = &data[off]
+            p = start
             end = p + length
             sec_n = b.n
             sec_len = b.arena.len
-            runs = []  # [(table, records)] of this section, counted once it is accepted
+            chunk = p          # the section's first record not handed to the writer yet
+            lastkey.len = 0    # the last key of the section handed to the writer (empty: none yet)
+            stop_at = limit
+            runs = []          # [(table, records)] of the part not handed over, counted when it is
             src_sid = -1
             rc = ENC_NEW_STATE
             while True:
@@ -3732,7 +3757,33 @@ def bulk_load(LMDBStore s, list sections):
                     encode_long_key(&p, end, sid, b)
                     run_n += 1
                 with nogil:
-                    rc = encode_records(&p, end, kg, src_sid, sid, layout, b, &run_n, &bad)
+                    rc = encode_records(&p, end, kg, src_sid, sid, layout, b, stop_at, &run_n, &bad)
+                if rc == ENC_FULL:
+                    if ascending(b.arena.data, b.ops + sec_n, b.n - sec_n, &lastkey):
+                        # in key order so far (a checkpoint of this tier): this part goes to the writer now,
+                        # so a key group larger than a batch streams through bounded memory
+                        runs.append((table, run_n))
+                        run_n = 0
+                        count_runs(s, runs, b.n - sec_n)
+                        loaded += b.n - sec_n
+                        runs = []
+                        lastkey.len = 0
+                        reserve(&lastkey, b.ops[b.n - 1].klen)
+                        memcpy(lastkey.data, b.arena.data + b.ops[b.n - 1].koff, b.ops[b.n - 1].klen)
+                        lastkey.len = b.ops[b.n - 1].klen
+                        hand_off(s, writer, b)
+                        cur ^= 1
+                        b = &batches[cur]
+                        b.n = 0
+                        b.arena.len = 0
+                        sec_n = 0
+                        sec_len = 0
+                        chunk = p
+                        continue
+                    if lastkey.len == 0 and stop_at < sec_len + SECTION_SORT_BYTES:
+                        stop_at = sec_len + SECTION_SORT_BYTES  # out of order: sorted in memory at its end
+                        continue
+                    break  # out of order after a part was written, or too large to sort: replayed from chunk
                 if rc == ENC_DONE or rc == ENC_TOMBSTONE:
                     break
                 if rc == ENC_NOMEM:
@@ -3740,23 +3791,27 @@ def bulk_load(LMDBStore s, list sections):
                 if rc < 0:
                     raise_record_problem(rc, kg, where, bad)
             if rc == ENC_DONE:
-                runs.append((table, run_n))
-                with nogil:
-                    rc = sort_puts(b.arena.data, b.ops + sec_n, b.n - sec_n, &recs, &rcap)
-                if rc == ENC_NOMEM:
-                    raise MemoryError()
+                if lastkey.len:  # a part was written: the rest must follow it in key order
+                    rc = ascending(b.arena.data, b.ops + sec_n, b.n - sec_n, &lastkey)
+                else:
+                    with nogil:
+                        rc = sort_puts(b.arena.data, b.ops + sec_n, b.n - sec_n, &recs, &rcap)
+                    if rc == ENC_NOMEM:
+                        raise MemoryError()
             else:
                 rc = 0
-            if rc == 0:  # a tombstone or a repeated key: nothing of this section is written here
+            if rc == 0:
+                # a tombstone (an incremental delta), a repeated key, or keys out of order after a part was
+                # written: nothing more of this section is written here; load_section replays it from chunk
                 b.n = sec_n
                 b.arena.len = sec_len
-                refused.append(item)
+                refused.append(item if chunk == start else
+                               (data, off + (chunk - start), length - (chunk - start), kg, sidmap, where))
                 s.bulk_refused += 1
                 continue
-            for tbl, n in runs:
-                (<LMDBStateTable>tbl).n += n
+            runs.append((table, run_n))
+            count_runs(s, runs, b.n - sec_n)
             loaded += b.n - sec_n
-            s.bulk_records += b.n - sec_n
             if b.arena.len >= limit:
                 hand_off(s, writer, b)
                 cur ^= 1
@@ -3775,12 +3830,21 @@ def bulk_load(LMDBStore s, list sections):
             writer.close()
         finally:
             free(recs)
+            sc_buf_free(&lastkey)
             batch_free(&batches[0])
             batch_free(&batches[1])
             if loaded:
                 s.end_read()  # reads see the new records
                 s.wgen += 1
     return refused
+
+
+cdef int count_runs(LMDBStore s, list runs, size_t n) except -1:
+    """Count records handed to LMDB: each state's entries, the store's bulk_records."""
+    for tbl, records in runs:
+        (<LMDBStateTable>tbl).n += records
+    s.bulk_records += n
+    return 0
 
 
 cdef int hand_off(LMDBStore s, BulkWriter writer, bbatch *b) except -1:

@@ -112,24 +112,25 @@ cdef enum:
                       # prefetch PREFETCH_AHEAD records ahead
 
 
+_RECORD_PROBLEMS = {
+    REC_BAD_KEY: "malformed record key in key group {kg}",
+    REC_BAD_VALUE: "malformed record value in key group {kg}",
+    REC_WRONG_KG: "a record of key group {other} is filed under {kg}",
+    REC_BAD_COMPOSITE: "malformed composite key in key group {kg}",
+    REC_BAD_TOMBSTONE: "malformed tombstone record in key group {kg}",
+    REC_BAD_LIST: "malformed list state record in key group {kg}",
+    REC_USER_KEY: "a non-map record carries a map user key",
+}
+
+
 cdef int raise_record_problem(int code, int kg, str where, const uint8_t *k) except -1:
     """Raise the CorruptCheckpointError (naming ``where``) of a section_record / record_kind problem code
-    (statecore/_records.pxd); k: the record's key (REC_WRONG_KG)."""
-    if code == REC_BAD_KEY:
-        raise CorruptCheckpointError(f"{where}: malformed record key in key group {kg}")
-    if code == REC_BAD_VALUE:
-        raise CorruptCheckpointError(f"{where}: malformed record value in key group {kg}")
-    if code == REC_WRONG_KG:
-        raise CorruptCheckpointError(f"{where}: a record of key group {sc_be16_get(k)} is filed under {kg}")
-    if code == REC_BAD_COMPOSITE:
-        raise CorruptCheckpointError(f"{where}: malformed composite key in key group {kg}")
-    if code == REC_BAD_TOMBSTONE:
-        raise CorruptCheckpointError(f"{where}: malformed tombstone record in key group {kg}")
-    if code == REC_BAD_LIST:
-        raise CorruptCheckpointError(f"{where}: malformed list state record in key group {kg}")
-    if code == REC_USER_KEY:
-        raise CorruptCheckpointError(f"{where}: a non-map record carries a map user key")
-    raise SystemError(f"statecore: unknown record problem {code}")
+    (statecore/_records.pxd); k: the record's key (read for REC_WRONG_KG only)."""
+    text = _RECORD_PROBLEMS.get(code)
+    if text is None:
+        raise SystemError(f"statecore: unknown record problem {code}")
+    other = sc_be16_get(k) if code == REC_WRONG_KG else None
+    raise CorruptCheckpointError(f"{where}: " + text.format(kg=kg, other=other))
 
 
 cdef tuple section_state(dict sidmap, const uint8_t *k, str where):

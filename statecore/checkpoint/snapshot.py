@@ -468,16 +468,16 @@ def _load(kb, payloads):
         sidmap = {st["sid"]: kb._restore_state(st) for st in body["states"]}
         order.extend((data, off, length, kg, sidmap, where) for kg, off, length, _count in wanted)
     bulk = getattr(kb, "_bulk_load", None)
-    done = set()
+    replay = {}  # id of a section the bulk path took -> what of it is left to replay (None: nothing)
     if bulk is not None:
         first = {}
         for item in order:
             first.setdefault(item[3], item)
         firsts = sorted(first.values(), key=lambda item: item[3])
-        left = {id(item) for item in bulk(firsts)}
-        done = {id(item) for item in firsts if id(item) not in left}
+        left = {item[3]: item for item in bulk(firsts)}  # one first section per key group
+        replay = {id(item): left.get(item[3]) for item in firsts}
     for item in order:
-        if id(item) not in done:
-            data, off, length, kg, sidmap, where = item
-            load_section(kb, data, off, length, kg, sidmap, where)
+        item = replay.get(id(item), item)
+        if item is not None:
+            load_section(kb, *item)
 

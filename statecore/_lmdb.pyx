@@ -3396,6 +3396,7 @@ cdef struct krec:          # a bulk load's sort record: the LMDB key's first 16 
     const uint8_t *k
     size_t kl
     mdb_op op
+    uint32_t h             # the key filter hash of the put (0: not taken yet), moved with it
 
 
 cdef int cmp_krec(const void *a, const void *b) noexcept nogil:
@@ -3519,7 +3520,7 @@ cdef bint ascending(const uint8_t *arena, const mdb_op *ops, size_t n, const sc_
     return True
 
 
-cdef int sort_puts(const uint8_t *arena, mdb_op *ops, size_t n, krec **recs, size_t *rcap) noexcept nogil:
+cdef int sort_puts(const uint8_t *arena, mdb_op *ops, uint32_t *hs, size_t n, krec **recs, size_t *rcap) noexcept nogil:
     """Put one section's puts in LMDB key order (a checkpoint of this tier already is: checked first, in one
     pass): 1, or 0 when two of them have the same key (a section only an ordered replay may load), or
     ENC_NOMEM."""
@@ -3547,9 +3548,11 @@ cdef int sort_puts(const uint8_t *arena, mdb_op *ops, size_t n, krec **recs, siz
         rs[i].k0 = be_word(rs[i].k, rs[i].kl, 0)
         rs[i].k1 = be_word(rs[i].k, rs[i].kl, 8)
         rs[i].op = ops[i]
+        rs[i].h = hs[i]
     qsort(rs, n, sizeof(krec), cmp_krec)
     for i in range(n):
         ops[i] = rs[i].op
+        hs[i] = rs[i].h  # a hashed key's filter hash (taken from its full key) stays with its put
         if i and cmp_mem(rs[i - 1].k, rs[i - 1].kl, rs[i].k, rs[i].kl) == 0:
             return 0
     return 1
@@ -3795,7 +3798,7 @@ def bulk_load(LMDBStore s, list sections):
                     rc = ascending(b.arena.data, b.ops + sec_n, b.n - sec_n, &lastkey)
                 else:
                     with nogil:
-                        rc = sort_puts(b.arena.data, b.ops + sec_n, b.n - sec_n, &recs, &rcap)
+                        rc = sort_puts(b.arena.data, b.ops + sec_n, b.hs + sec_n, b.n - sec_n, &recs, &rcap)
                     if rc == ENC_NOMEM:
                         raise MemoryError()
             else:
